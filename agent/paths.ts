@@ -1,0 +1,21 @@
+/** Where things live: flags over environment over SPEC §3 defaults. */
+
+declare const EGRESSD_VERSION: string | undefined;
+export const VERSION: string = typeof EGRESSD_VERSION === "string" ? EGRESSD_VERSION : "0.0.0-dev";
+
+export interface GlobalOptions {
+  json?: boolean;
+  configDir?: string;
+  stateDir?: string;
+  socket?: string;
+  quiet?: boolean;
+  verbose?: boolean;
+}
+
+export function paths(g: GlobalOptions, env: NodeJS.ProcessEnv = process.env) {
+  return {
+    configDir: g.configDir ?? env.EGRESSD_CONFIG_DIR ?? "/etc/egressd",
+    stateDir: g.stateDir ?? env.EGRESSD_STATE_DIR ?? "/var/lib/egressd",
+    socket: g.socket ?? env.EGRESSD_SOCKET ?? "/run/egressd/egressd.sock",
+  };
+}

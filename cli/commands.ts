@@ -1,0 +1,347 @@
+/** egressctl's command handlers: each gathers inputs, calls the pure parts, and returns data. */
+import {
+  applyRuleset,
+  pendingChanges,
+  plan,
+  resolvePrincipals,
+  type Deps,
+  type Plan,
+} from "../agent/apply.ts";
+import { checkDistinctOwners } from "../rules/compile.ts";
+import type { Finding } from "../rules/diff.ts";
+import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";
+import { SERVICE_NAME, type Mode, type ServicePolicy } from "../rules/policy.ts";
+import { formatTarget, parseTarget, type OutboundRule } from "../rules/target.ts";
+
+export interface Result {
+  exitCode: ExitCode;
+  /** Human-readable output for stdout. */
+  text: string;
+  /** Machine-readable output for `--json`. */
+  data: unknown;
+  /** Lines for stderr in human mode (warnings). */
+  warnings?: string[];
+}
+
+export interface Ctx extends Deps {
+  /** Asks a running egressd to apply; null when none is running. */
+  daemon?: { applyNow(): Promise<void> } | null;
+}
+
+const SERVICE_NAME_HINT =
+  "service names are 1-32 characters: lowercase letters, digits and hyphens, starting with a letter (e.g. svc-web)";
+
+export function checkServiceName(name: string): void {
+  if (!SERVICE_NAME.test(name)) {
+    throw invalid("ERR_EGRESS_SERVICE_NAME", `invalid service name "${name}"`, [
+      { where: "argument <service>", text: SERVICE_NAME_HINT },
+    ]);
+  }
+}
+
+/** "--user 2001" is a uid, "--user svc-web" a name. */
+export function parsePrincipal(text: string, flag: string): string | number {
+  if (/^[0-9]+$/.test(text)) {
+    const n = Number(text);
+    if (n > 4294967294)
+      throw invalid("ERR_EGRESS_ID", `invalid ${flag.slice(2)} id "${text}"`, [
+        { where: flag, text: "ids are 0-4294967294" },
+      ]);
+    return n;
+  }
+  if (!/^[a-z_][a-z0-9_.-]{0,31}\$?$/.test(text)) {
+    throw invalid("ERR_EGRESS_PRINCIPAL", `invalid ${flag.slice(2)} name "${text}"`, [
+      {
+        where: flag,
+        text: "use a numeric id or a user name of lowercase letters, digits, '_', '-' or '.'",
+      },
+    ]);
+  }
+  return text;
+}
+
+async function requireService(ctx: Ctx, name: string): Promise<ServicePolicy> {
+  checkServiceName(name);
+  const p = await ctx.store.loadService(name);
+  if (!p) {
+    throw new EgressError("ERR_EGRESS_UNKNOWN_SERVICE", `service "${name}" is not registered`, {
+      hint: `register it first: egressctl register ${name} --user <name|uid>`,
+    });
+  }
+  return p;
+}
+
+function parseTargets(args: readonly string[]): OutboundRule[] {
+  const problems: Problem[] = [];
+  const out: OutboundRule[] = [];
+  for (const a of args) {
+    const t = parseTarget(a);
+    if ("error" in t) problems.push({ where: `target "${a}"`, text: t.error });
+    else out.push(t);
+  }
+  if (problems.length) {
+    const only = problems.length === 1 ? problems[0]?.text : undefined;
+    throw invalid(
+      "ERR_EGRESS_TARGET",
+      only ?? `${problems.length} invalid targets`,
+      only ? [] : problems,
+      "targets are HOST:PORT[/tcp|/udp] or HOST:LOW-HIGH[/tcp|/udp]; HOST is a name, an IPv4 address or CIDR, or [IPv6] / [IPv6/len]",
+    );
+  }
+  return out;
+}
+
+const sameRule = (a: OutboundRule, b: OutboundRule) =>
+  a.host === b.host && a.ports === b.ports && a.protocol === b.protocol;
+
+/** After a saved change: have the daemon apply it, or say how it will take effect. */
+async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: string }> {
+  if (ctx.daemon) {
+    await ctx.daemon.applyNow();
+    return { applied: true, note: "applied by egressd" };
+  }
+  return {
+    applied: false,
+    note: "saved; egressd is not running, so this takes effect when egressd starts (or run: egressctl apply)",
+  };
+}
+
+export async function register(
+  ctx: Ctx,
+  service: string,
+  opts: { user: string; group?: string; createUser?: boolean; mode?: string },
+): Promise<Result> {
+  checkServiceName(service);
+  const mode = (opts.mode ?? "enforce") as Mode;
+  if (mode !== "enforce" && mode !== "audit") {
+    throw invalid("ERR_EGRESS_MODE", `invalid mode "${opts.mode}"`, [
+      { where: "--mode", text: "use enforce or audit" },
+    ]);
+  }
+  const user = parsePrincipal(opts.user, "--user");
+  const group = opts.group === undefined ? undefined : parsePrincipal(opts.group, "--group");
+  if (opts.createUser && typeof user === "number") {
+    throw invalid(
+      "ERR_EGRESS_CREATE_USER",
+      `--create-user needs a user name, not the uid "${user}"`,
+      [{ where: "--user", text: "give the name of the account to create" }],
+    );
+  }
+  return ctx.store.locked(async () => {
+    let uid = (await ctx.users.users([user])).get(user);
+    let created = false;
+    if (!uid) {
+      if (!opts.createUser) {
+        throw new EgressError(
+          "ERR_EGRESS_UNKNOWN_USER",
+          `user "${user}" does not exist on this host`,
+          {
+            hint: `add --create-user to create a locked system account, or create it with useradd --system ${user}`,
+          },
+        );
+      }
+      uid = await ctx.users.createUser(String(user));
+      created = true;
+    }
+    if (group !== undefined && !(await ctx.users.groups([group])).get(group)) {
+      throw new EgressError(
+        "ERR_EGRESS_UNKNOWN_GROUP",
+        `group "${group}" does not exist on this host`,
+        {
+          hint: `create it (groupadd --system ${group}) or pass a numeric gid`,
+        },
+      );
+    }
+    const existing = await ctx.store.loadService(service);
+    const policy: ServicePolicy = {
+      name: service,
+      user,
+      ...(group !== undefined ? { group } : {}),
+      mode,
+      dns: existing?.dns ?? "system",
+      outbound: existing?.outbound ?? [],
+      inbound: existing?.inbound ?? [],
+    };
+    const others = (await ctx.store.loadServices()).filter((p) => p.name !== service);
+    checkDistinctOwners(
+      await resolvePrincipals([...others, policy], ctx.users, (n) => ctx.store.serviceFile(n)),
+    );
+    await ctx.store.writeService(policy);
+    const effect = await takeEffect(ctx);
+    const verb = existing ? "updated" : "registered";
+    return {
+      exitCode: 0,
+      text: `${verb} ${service}: user ${String(user)} (uid ${uid.id})${created ? ", created" : ""}, mode ${mode}\n${effect.note}\n`,
+      data: {
+        service,
+        action: verb,
+        uid: uid.id,
+        createdUser: created,
+        policy,
+        applied: effect.applied,
+      },
+    };
+  });
+}
+
+export async function unregister(ctx: Ctx, service: string): Promise<Result> {
+  return ctx.store.locked(async () => {
+    await requireService(ctx, service);
+    await ctx.store.removeService(service);
+    const effect = await takeEffect(ctx);
+    return {
+      exitCode: 0,
+      text: `unregistered ${service}\n${effect.note}\n`,
+      data: { service, action: "unregistered", applied: effect.applied },
+    };
+  });
+}
+
+export async function allow(
+  ctx: Ctx,
+  service: string,
+  targets: readonly string[],
+): Promise<Result> {
+  checkServiceName(service);
+  const rules = parseTargets(targets);
+  return ctx.store.locked(async () => {
+    const p = await requireService(ctx, service);
+    const added = rules.filter(
+      (r, i) =>
+        !p.outbound.some((o) => sameRule(o, r)) && rules.findIndex((x) => sameRule(x, r)) === i,
+    );
+    const already = rules.filter((r) => p.outbound.some((o) => sameRule(o, r)));
+    if (added.length) await ctx.store.writeService({ ...p, outbound: [...p.outbound, ...added] });
+    const effect = added.length
+      ? await takeEffect(ctx)
+      : { applied: false, note: "nothing changed" };
+    const lines = [
+      ...(added.length ? [`${service}: allowed ${added.map(formatTarget).join(", ")}`] : []),
+      ...(already.length
+        ? [`${service}: already allowed ${already.map(formatTarget).join(", ")}`]
+        : []),
+      effect.note,
+    ];
+    return {
+      exitCode: 0,
+      text: lines.join("\n") + "\n",
+      data: {
+        service,
+        added: added.map(formatTarget),
+        unchanged: already.map(formatTarget),
+        applied: effect.applied,
+      },
+    };
+  });
+}
+
+export async function revoke(
+  ctx: Ctx,
+  service: string,
+  targets: readonly string[],
+): Promise<Result> {
+  checkServiceName(service);
+  const rules = parseTargets(targets);
+  return ctx.store.locked(async () => {
+    const p = await requireService(ctx, service);
+    const missing = rules.filter((r) => !p.outbound.some((o) => sameRule(o, r)));
+    if (missing.length) {
+      throw invalid(
+        "ERR_EGRESS_NOT_ALLOWED",
+        `${service} does not allow ${missing.map(formatTarget).join(", ")}; nothing was revoked`,
+        [],
+        p.outbound.length
+          ? `its allowances: ${p.outbound.map(formatTarget).join(", ")}`
+          : `${service} has no outbound allowances`,
+      );
+    }
+    await ctx.store.writeService({
+      ...p,
+      outbound: p.outbound.filter((o) => !rules.some((r) => sameRule(o, r))),
+    });
+    const effect = await takeEffect(ctx);
+    return {
+      exitCode: 0,
+      text: `${service}: revoked ${rules.map(formatTarget).join(", ")}\n${effect.note}\n`,
+      data: { service, removed: rules.map(formatTarget), applied: effect.applied },
+    };
+  });
+}
+
+function policyText(p: ServicePolicy): string {
+  const head = `${p.name}  user ${String(p.user)}${p.group !== undefined ? `  group ${String(p.group)}` : ""}  mode ${p.mode}  dns ${p.dns}`;
+  const out = p.outbound.map((o) => `  out ${formatTarget(o)}`);
+  const inb = p.inbound.map(
+    (r) =>
+      `  in  ${r.ports}/${r.protocol}${r.from?.length ? ` from ${r.from.join(", ")}` : " from anywhere"}`,
+  );
+  const none = out.length + inb.length ? [] : ["  (no allowances: everything it sends is refused)"];
+  return [head, ...out, ...inb, ...none].join("\n");
+}
+
+export async function list(ctx: Ctx, service?: string): Promise<Result> {
+  const policies = service ? [await requireService(ctx, service)] : await ctx.store.loadServices();
+  return {
+    exitCode: 0,
+    text: policies.length
+      ? policies.map(policyText).join("\n\n") + "\n"
+      : "no services registered\n",
+    data: { services: policies },
+  };
+}
+
+const SIGN: Record<string, string> = { missing: "+", extra: "-", changed: "~", reordered: "~" };
+
+/** One line per change: "+" added, "-" removed, "~" changed. */
+export function changeLines(findings: readonly Finding[]): string[] {
+  return findings.map((f) => {
+    const sign = SIGN[f.kind.split("-").pop() ?? ""] ?? "?";
+    const part = f.kind.split("-")[0];
+    const where =
+      part === "rule" || part === "element" || part === "rules"
+        ? `${part} in ${f.object}`
+        : f.object;
+    const detail =
+      f.kind.endsWith("changed") || f.kind.endsWith("reordered")
+        ? `${f.found ?? ""} -> ${f.expected ?? ""}`
+        : (f.expected ?? f.found ?? "");
+    return `  ${sign} ${where}${detail ? `: ${detail}` : ""}`;
+  });
+}
+
+function nameWarnings(p: Plan): string[] {
+  const out: string[] = [];
+  for (const n of p.names) {
+    if (n.error)
+      out.push(
+        `warning: ${n.name} (${n.services.join(", ")}) did not resolve: ${n.error.message}; it allows nothing until it does`,
+      );
+    for (const d of n.dropped)
+      out.push(`warning: ${n.name}: not allowing ${d.address} (${d.reason})`);
+  }
+  return out;
+}
+
+export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Result> {
+  const p = await plan(ctx);
+  const summary = { table: `inet ${p.ruleset.table}`, services: p.services, names: p.names };
+  if (opts.dryRun) {
+    const changes = await pendingChanges(ctx.nft, p.ruleset);
+    return {
+      exitCode: 0,
+      text: changes.length
+        ? `dry run: ${changes.length} change(s) would be made to table inet ${p.ruleset.table}:\n${changeLines(changes).join("\n")}\n`
+        : `dry run: table inet ${p.ruleset.table} is already as the policy says; nothing would change\n`,
+      data: { dryRun: true, ...summary, changes },
+      warnings: nameWarnings(p),
+    };
+  }
+  await applyRuleset(ctx.nft, p.ruleset);
+  const failed = p.names.filter((n) => n.error).length;
+  return {
+    exitCode: 0,
+    text: `applied table inet ${p.ruleset.table}: ${p.services.length} service(s), ${p.names.length} name(s)${failed ? ` (${failed} unresolved)` : ""}\n`,
+    data: { dryRun: false, ...summary },
+    warnings: nameWarnings(p),
+  };
+}

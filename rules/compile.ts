@@ -1,0 +1,254 @@
+/**
+ * The compiler: policy plus resolved addresses in, egressd's nftables table out (pure).
+ *
+ * Shape (see docs/design.md):
+ *   chain output (hook output): ct state established,related accept
+ *                               meta skuid vmap @uid_dispatch
+ *                               meta skgid vmap @gid_dispatch
+ *   chain s_<svc>: resolvers, literal sets, DNS-derived sets, counter, log, reject.
+ * The base chain holds the same three rules whatever the number of services.
+ */
+import { parseNet, canonicalAddress, type Family } from "./addresses.ts";
+import { disjoint, elementJSON, type Allow } from "./elements.ts";
+import { invalid, type Problem } from "./errors.ts";
+import type { ServicePolicy } from "./policy.ts";
+import type { ChainDef, Expr, Ruleset, SetDef } from "./ruleset.ts";
+import { parseHost, parsePorts, type PortRange, type Protocol } from "./target.ts";
+
+export interface ServiceInput {
+  policy: ServicePolicy;
+  uid: number;
+  gid?: number;
+}
+
+export interface ResolverAddr {
+  address: string;
+  family: Family;
+  port: number;
+}
+
+export interface CompileInput {
+  table: string;
+  resolvers: readonly ResolverAddr[];
+  services: readonly ServiceInput[];
+  /** Allowed addresses of each domain name, already filtered (see dns). */
+  resolutions: ReadonlyMap<string, readonly string[]>;
+}
+
+export const BASE_CHAIN = "output";
+export const UID_MAP = "uid_dispatch";
+export const GID_MAP = "gid_dispatch";
+export const LOG_RATE = { rate: 5, per: "second", burst: 10 } as const;
+
+const CONCAT_TYPE: Record<Family, string[]> = {
+  4: ["ipv4_addr", "inet_proto", "inet_service"],
+  6: ["ipv6_addr", "inet_proto", "inet_service"],
+};
+
+/** nft object name of a service: "svc-web" -> "s_svc_web". Injective: service names have no "_". */
+export function serviceObject(service: string): string {
+  return `s_${service.replace(/-/g, "_")}`;
+}
+
+export function serviceSets(service: string) {
+  const base = serviceObject(service);
+  return {
+    lit4: `${base}_lit4`,
+    lit6: `${base}_lit6`,
+    dns4: `${base}_dns4`,
+    dns6: `${base}_dns6`,
+  };
+}
+
+export const resolverSet = (family: Family) => `resolvers${family}`;
+
+/** `ip daddr . meta l4proto . th dport @set accept` */
+export function allowRule(family: Family, set: string): Expr[] {
+  return [
+    {
+      match: {
+        op: "==",
+        left: {
+          concat: [
+            { payload: { protocol: family === 4 ? "ip" : "ip6", field: "daddr" } },
+            { meta: { key: "l4proto" } },
+            { payload: { protocol: "th", field: "dport" } },
+          ],
+        },
+        right: `@${set}`,
+      },
+    },
+    { accept: null },
+  ];
+}
+
+function concatSet(name: string, family: Family, allows: Allow[]): SetDef {
+  return {
+    name,
+    type: CONCAT_TYPE[family],
+    flags: ["interval"],
+    elem: disjoint(allows).map(elementJSON),
+  };
+}
+
+/** Allowances from literal addresses and networks, by family. */
+function literalAllows(policy: ServicePolicy): Record<Family, Allow[]> {
+  const out: Record<Family, Allow[]> = { 4: [], 6: [] };
+  for (const o of policy.outbound) {
+    const host = parseHost(o.host);
+    const ports = parsePorts(o.ports);
+    if ("error" in host || "error" in ports || host.kind !== "net") continue;
+    out[host.family].push({ range: host.range, protocol: o.protocol, ports });
+  }
+  return out;
+}
+
+/** Domain allowances of a policy: name, protocol and ports. */
+export function domainAllowances(
+  policy: ServicePolicy,
+): { name: string; protocol: Protocol; ports: PortRange }[] {
+  const out = [];
+  for (const o of policy.outbound) {
+    const host = parseHost(o.host);
+    const ports = parsePorts(o.ports);
+    if ("error" in host || "error" in ports || host.kind !== "domain") continue;
+    out.push({ name: host.name, protocol: o.protocol, ports });
+  }
+  return out;
+}
+
+/** Elements of a service's DNS-derived sets from the current resolutions. */
+export function dnsSetElements(
+  policy: ServicePolicy,
+  resolutions: ReadonlyMap<string, readonly string[]>,
+): Record<Family, unknown[]> {
+  const allows: Record<Family, Allow[]> = { 4: [], 6: [] };
+  for (const d of domainAllowances(policy)) {
+    for (const address of resolutions.get(d.name) ?? []) {
+      const net = parseNet(address);
+      if ("error" in net) continue;
+      allows[net.family].push({ range: net.range, protocol: d.protocol, ports: d.ports });
+    }
+  }
+  return { 4: disjoint(allows[4]).map(elementJSON), 6: disjoint(allows[6]).map(elementJSON) };
+}
+
+function serviceChain(
+  svc: ServiceInput,
+  resolutions: CompileInput["resolutions"],
+): { chain: ChainDef; sets: SetDef[] } {
+  const { policy } = svc;
+  const names = serviceSets(policy.name);
+  const rules: Expr[][] = [];
+  const sets: SetDef[] = [];
+  if (policy.dns === "system") {
+    rules.push(allowRule(4, resolverSet(4)), allowRule(6, resolverSet(6)));
+  }
+  const literal = literalAllows(policy);
+  for (const family of [4, 6] as const) {
+    if (!literal[family].length) continue;
+    const name = family === 4 ? names.lit4 : names.lit6;
+    sets.push(concatSet(name, family, literal[family]));
+    rules.push(allowRule(family, name));
+  }
+  if (domainAllowances(policy).length) {
+    const elements = dnsSetElements(policy, resolutions);
+    for (const family of [4, 6] as const) {
+      const name = family === 4 ? names.dns4 : names.dns6;
+      sets.push({ name, type: CONCAT_TYPE[family], flags: ["interval"], elem: elements[family] });
+      rules.push(allowRule(family, name));
+    }
+  }
+  const obj = serviceObject(policy.name);
+  rules.push([{ counter: obj }]);
+  const verb = policy.mode === "audit" ? "audit" : "reject";
+  rules.push([{ limit: { ...LOG_RATE } }, { log: { prefix: `egressd ${verb} ${policy.name}: ` } }]);
+  if (policy.mode === "audit") {
+    rules.push([{ accept: null }]);
+  } else {
+    rules.push([
+      { match: { op: "==", left: { meta: { key: "l4proto" } }, right: "tcp" } },
+      { reject: { type: "tcp reset" } },
+    ]);
+    rules.push([{ reject: { type: "icmpx", expr: "admin-prohibited" } }]);
+  }
+  return { chain: { name: obj, rules }, sets };
+}
+
+function resolverAllows(resolvers: readonly ResolverAddr[], family: Family): Allow[] {
+  const out: Allow[] = [];
+  for (const r of resolvers) {
+    const addr = canonicalAddress(r.address);
+    const net = addr && parseNet(addr.text);
+    if (!net || "error" in net || net.family !== family) continue;
+    for (const protocol of ["udp", "tcp"] as const) {
+      out.push({ range: net.range, protocol, ports: { low: r.port, high: r.port } });
+    }
+  }
+  return out;
+}
+
+/** Checks that no two services claim the same uid or gid. */
+export function checkDistinctOwners(services: readonly ServiceInput[]): void {
+  const problems: Problem[] = [];
+  for (const key of ["uid", "gid"] as const) {
+    const owner = new Map<number, string>();
+    for (const s of services) {
+      const id = s[key];
+      if (id === undefined) continue;
+      const other = owner.get(id);
+      if (other !== undefined) {
+        problems.push({
+          where: `service ${s.policy.name}`,
+          text: `${key} ${id} is already used by service ${other}: each service needs its own ${key === "uid" ? "user" : "group"}`,
+        });
+      } else owner.set(id, s.policy.name);
+    }
+  }
+  if (problems.length)
+    throw invalid("ERR_EGRESS_ID_CONFLICT", "two services share an owner", problems);
+}
+
+/** Compiles the whole table. Services are ordered by name so output is deterministic. */
+export function compile(input: CompileInput): Ruleset {
+  const services = [...input.services].sort((a, b) => a.policy.name.localeCompare(b.policy.name));
+  checkDistinctOwners(services);
+  const sets: SetDef[] = [
+    concatSet(resolverSet(4), 4, resolverAllows(input.resolvers, 4)),
+    concatSet(resolverSet(6), 6, resolverAllows(input.resolvers, 6)),
+  ];
+  const chains: ChainDef[] = [];
+  const uidElems: unknown[] = [];
+  const gidElems: unknown[] = [];
+  for (const svc of services) {
+    const built = serviceChain(svc, input.resolutions);
+    chains.push(built.chain);
+    sets.push(...built.sets);
+    uidElems.push([svc.uid, { goto: { target: built.chain.name } }]);
+    if (svc.gid !== undefined) gidElems.push([svc.gid, { goto: { target: built.chain.name } }]);
+  }
+  const byKey = (a: unknown, b: unknown) => (a as [number])[0] - (b as [number])[0];
+  sets.unshift(
+    { name: UID_MAP, type: "uid", map: "verdict", elem: uidElems.sort(byKey) },
+    { name: GID_MAP, type: "gid", map: "verdict", elem: gidElems.sort(byKey) },
+  );
+  const base: ChainDef = {
+    name: BASE_CHAIN,
+    base: { type: "filter", hook: "output", prio: 0, policy: "accept" },
+    rules: [
+      [
+        { match: { op: "in", left: { ct: { key: "state" } }, right: ["established", "related"] } },
+        { accept: null },
+      ],
+      [{ vmap: { key: { meta: { key: "skuid" } }, data: `@${UID_MAP}` } }],
+      [{ vmap: { key: { meta: { key: "skgid" } }, data: `@${GID_MAP}` } }],
+    ],
+  };
+  return {
+    family: "inet",
+    table: input.table,
+    counters: services.map((s) => serviceObject(s.policy.name)),
+    sets,
+    chains: [base, ...chains],
+  };
+}

@@ -1,0 +1,69 @@
+/** Parses `nft -j list table` output into the Ruleset model, dropping what changes by itself (pure). */
+import type { BaseChain, ChainDef, Expr, Ruleset, SetDef } from "./ruleset.ts";
+
+type Obj = Record<string, unknown>;
+
+/** Removes handles and live counter values, which differ on every listing. */
+function scrub(expr: unknown): unknown {
+  if (Array.isArray(expr)) return expr.map(scrub);
+  if (expr && typeof expr === "object") {
+    const o = expr as Obj;
+    if ("counter" in o && o.counter && typeof o.counter === "object") return { counter: null };
+    return Object.fromEntries(Object.entries(o).map(([k, v]) => [k, scrub(v)]));
+  }
+  return expr;
+}
+
+/**
+ * Parses a listing of one table. Returns null when the listing holds no such table.
+ * Objects of other tables (a listing never has them) are ignored.
+ */
+export function parseLive(listing: unknown, table: string): Ruleset | null {
+  const items = ((listing as { nftables?: unknown[] })?.nftables ?? []) as Obj[];
+  const ruleset: Ruleset = { family: "inet", table, counters: [], sets: [], chains: [] };
+  const chains = new Map<string, ChainDef>();
+  let found = false;
+  const mine = (o: Obj) => o.family === "inet" && (o.table === table || o.name === table);
+  for (const item of items) {
+    const [kind, value] = Object.entries(item)[0] ?? [];
+    const o = value as Obj | undefined;
+    if (!kind || !o || typeof o !== "object") continue;
+    if (kind === "table") {
+      if (o.family === "inet" && o.name === table) found = true;
+      continue;
+    }
+    if (!mine(o)) continue;
+    switch (kind) {
+      case "counter":
+        ruleset.counters.push(String(o.name));
+        break;
+      case "set":
+      case "map": {
+        const s: SetDef = {
+          name: String(o.name),
+          type: o.type as string | string[],
+          elem: Array.isArray(o.elem) ? (o.elem as unknown[]) : [],
+        };
+        if (kind === "map") s.map = o.map as "verdict";
+        if (Array.isArray(o.flags) && o.flags.length) s.flags = [...(o.flags as string[])].sort();
+        ruleset.sets.push(s);
+        break;
+      }
+      case "chain": {
+        const c: ChainDef = { name: String(o.name), rules: [] };
+        if (o.hook !== undefined) {
+          c.base = { type: o.type, hook: o.hook, prio: o.prio, policy: o.policy } as BaseChain;
+        }
+        chains.set(c.name, c);
+        ruleset.chains.push(c);
+        break;
+      }
+      case "rule": {
+        const c = chains.get(String(o.chain));
+        if (c) c.rules.push(scrub(o.expr) as Expr[]);
+        break;
+      }
+    }
+  }
+  return found ? ruleset : null;
+}

@@ -1,0 +1,171 @@
+/**
+ * Reads and writes the config dir: egressd.json and services.d/<service>.json.
+ * Writes are atomic (temp file, fsync, rename) and read-modify-write runs under a lock,
+ * so two egressctl commands at the same moment never lose either update.
+ */
+import { mkdir, readdir, readFile, rm } from "node:fs/promises";
+import { join } from "node:path";
+import lockfile from "proper-lockfile";
+import writeFileAtomic from "write-file-atomic";
+import { EgressError, invalid, type Problem } from "./errors.ts";
+import {
+  DEFAULT_CONFIG,
+  serviceToJSON,
+  validateConfig,
+  validateService,
+  type DaemonConfig,
+  type ServicePolicy,
+} from "./policy.ts";
+
+export const CONFIG_FILE = "egressd.json";
+export const SERVICES_DIR = "services.d";
+
+function parseJSON(text: string, file: string): unknown {
+  try {
+    return JSON.parse(text) as unknown;
+  } catch (err) {
+    throw invalid(
+      "ERR_EGRESS_JSON",
+      `${file} is not valid JSON`,
+      [{ where: file, text: (err as Error).message }],
+      "fix the JSON syntax",
+    );
+  }
+}
+
+function fsError(err: unknown, what: string): EgressError {
+  const e = err as NodeJS.ErrnoException;
+  return new EgressError("ERR_EGRESS_FS", `cannot ${what}: ${e.message}`, {
+    exitCode: 3,
+    hint:
+      e.code === "EACCES" || e.code === "EPERM"
+        ? "run as root"
+        : "check the path and its permissions",
+    cause: err,
+  });
+}
+
+export class PolicyStore {
+  constructor(readonly configDir: string) {}
+
+  get servicesDir(): string {
+    return join(this.configDir, SERVICES_DIR);
+  }
+
+  serviceFile(name: string): string {
+    return join(this.servicesDir, `${name}.json`);
+  }
+
+  /** The daemon config; a missing file means all defaults. */
+  async loadConfig(): Promise<DaemonConfig> {
+    const file = join(this.configDir, CONFIG_FILE);
+    let text: string;
+    try {
+      text = await readFile(file, "utf8");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return structuredClone(DEFAULT_CONFIG);
+      throw fsError(err, `read ${file}`);
+    }
+    return validateConfig(parseJSON(text, file), file);
+  }
+
+  /** One service's policy, or null when it is not registered. */
+  async loadService(name: string): Promise<ServicePolicy | null> {
+    const file = this.serviceFile(name);
+    let text: string;
+    try {
+      text = await readFile(file, "utf8");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+      throw fsError(err, `read ${file}`);
+    }
+    return validateService(parseJSON(text, file), file, name);
+  }
+
+  /** Every service policy. Problems in all files are collected and reported together. */
+  async loadServices(): Promise<ServicePolicy[]> {
+    let entries: string[];
+    try {
+      entries = await readdir(this.servicesDir);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
+      throw fsError(err, `read ${this.servicesDir}`);
+    }
+    const problems: Problem[] = [];
+    const out: ServicePolicy[] = [];
+    for (const entry of entries.filter((e) => e.endsWith(".json") && !e.startsWith(".")).sort()) {
+      try {
+        const p = await this.loadService(entry.slice(0, -".json".length));
+        if (p) out.push(p);
+      } catch (err) {
+        if (err instanceof EgressError && err.exitCode === 2) {
+          problems.push(
+            ...(err.problems.length
+              ? err.problems
+              : [{ where: join(this.servicesDir, entry), text: err.message }]),
+          );
+        } else throw err;
+      }
+    }
+    if (problems.length) {
+      throw invalid(
+        "ERR_EGRESS_POLICY_INVALID",
+        `invalid service policies in ${this.servicesDir}`,
+        problems,
+        "fix the files named above, then retry",
+      );
+    }
+    return out;
+  }
+
+  /** Runs `fn` while holding the config dir's lock. */
+  async locked<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      await mkdir(this.servicesDir, { recursive: true, mode: 0o755 });
+    } catch (err) {
+      throw fsError(err, `create ${this.servicesDir}`);
+    }
+    let release: () => Promise<void>;
+    try {
+      release = await lockfile.lock(this.configDir, {
+        lockfilePath: join(this.configDir, ".egressctl.lock"),
+        retries: { retries: 100, minTimeout: 10, maxTimeout: 200 },
+        stale: 15_000,
+      });
+    } catch (err) {
+      throw new EgressError(
+        "ERR_EGRESS_LOCKED",
+        `cannot lock ${this.configDir}: ${(err as Error).message}`,
+        {
+          exitCode: 3,
+          hint: "another egressctl is changing the policy; retry in a moment",
+        },
+      );
+    }
+    try {
+      return await fn();
+    } finally {
+      await release();
+    }
+  }
+
+  /** Writes a service policy atomically (call inside `locked`). */
+  async writeService(p: ServicePolicy): Promise<void> {
+    try {
+      await writeFileAtomic(this.serviceFile(p.name), serviceToJSON(p), {
+        mode: 0o644,
+        fsync: true,
+      });
+    } catch (err) {
+      throw fsError(err, `write ${this.serviceFile(p.name)}`);
+    }
+  }
+
+  async removeService(name: string): Promise<void> {
+    try {
+      await rm(this.serviceFile(name));
+    } catch (err) {
+      throw fsError(err, `remove ${this.serviceFile(name)}`);
+    }
+  }
+}

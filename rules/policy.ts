@@ -1,0 +1,325 @@
+/** The policy model: daemon config and per-service policies, their schemas and validation (pure). */
+import { Ajv } from "ajv";
+import { validate as validateCron } from "node-cron";
+import { invalid, type Problem } from "./errors.ts";
+import { parseNet } from "./addresses.ts";
+import { ajvProblems } from "./schema-errors.ts";
+import {
+  hostText,
+  parseHost,
+  parsePorts,
+  formatPorts,
+  type OutboundRule,
+  type Protocol,
+} from "./target.ts";
+
+export type Mode = "enforce" | "audit";
+export type DnsMode = "system" | "none";
+
+export interface InboundRule {
+  ports: string;
+  protocol: Protocol;
+  /** Source networks allowed; absent or empty means anywhere. */
+  from?: string[];
+}
+
+export interface ServicePolicy {
+  name: string;
+  /** A user name (looked up when applied) or a numeric uid. */
+  user: string | number;
+  group?: string | number;
+  mode: Mode;
+  dns: DnsMode;
+  outbound: OutboundRule[];
+  inbound: InboundRule[];
+}
+
+export interface DaemonConfig {
+  table: string;
+  /** "IP" or "IP:PORT" or "[IPv6]:PORT"; absent means /etc/resolv.conf. */
+  resolvers?: string[];
+  refresh: {
+    minTtlSeconds: number;
+    maxTtlSeconds: number;
+    graceSeconds: number;
+    maxAddressesPerName: number;
+    allowPrivateAddresses: boolean;
+  };
+  audit: { schedule: string; repair: boolean };
+  log: { level: "fatal" | "error" | "warn" | "info" | "debug" | "trace" };
+}
+
+export const DEFAULT_CONFIG: DaemonConfig = {
+  table: "egressd",
+  refresh: {
+    minTtlSeconds: 30,
+    maxTtlSeconds: 3600,
+    graceSeconds: 300,
+    maxAddressesPerName: 64,
+    allowPrivateAddresses: true,
+  },
+  audit: { schedule: "*/5 * * * *", repair: true },
+  log: { level: "info" },
+};
+
+/** Service names: short, lowercase, and safe inside nft object names once "-" becomes "_". */
+export const SERVICE_NAME = /^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$/;
+const SERVICE_NAME_TEXT =
+  "service names are 1-32 characters: lowercase letters, digits and hyphens, starting with a letter and not ending with a hyphen";
+
+const portsSchema = {
+  description: 'must be a port ("443") or a range ("8000-8100")',
+  anyOf: [
+    { type: "string", pattern: "^[0-9]{1,5}(-[0-9]{1,5})?$" },
+    { type: "integer", minimum: 1, maximum: 65535 },
+  ],
+};
+const protocolSchema = { enum: ["tcp", "udp"] };
+const principalSchema = {
+  description: "must be a name (string) or a numeric id (0-4294967294)",
+  anyOf: [
+    { type: "string", pattern: "^[a-z_][a-z0-9_.-]*\\$?$", maxLength: 32 },
+    { type: "integer", minimum: 0, maximum: 4294967294 },
+  ],
+};
+
+export const SERVICE_SCHEMA = {
+  $id: "https://egressd.dev/schema/service.json",
+  type: "object",
+  additionalProperties: false,
+  required: ["name", "user"],
+  properties: {
+    name: { type: "string", pattern: SERVICE_NAME.source, description: SERVICE_NAME_TEXT },
+    user: principalSchema,
+    group: principalSchema,
+    mode: { enum: ["enforce", "audit"] },
+    dns: { enum: ["system", "none"] },
+    outbound: {
+      type: "array",
+      items: {
+        type: "object",
+        additionalProperties: false,
+        required: ["host", "ports"],
+        properties: {
+          host: { type: "string", minLength: 1, maxLength: 260 },
+          ports: portsSchema,
+          protocol: protocolSchema,
+        },
+      },
+    },
+    inbound: {
+      type: "array",
+      items: {
+        type: "object",
+        additionalProperties: false,
+        required: ["ports"],
+        properties: {
+          ports: portsSchema,
+          protocol: protocolSchema,
+          from: { type: "array", items: { type: "string", minLength: 1 } },
+        },
+      },
+    },
+  },
+} as const;
+
+export const CONFIG_SCHEMA = {
+  $id: "https://egressd.dev/schema/egressd.json",
+  type: "object",
+  additionalProperties: false,
+  properties: {
+    table: {
+      type: "string",
+      pattern: "^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+      description: "must be 1-63 letters, digits or underscores, not starting with a digit",
+    },
+    resolvers: { type: "array", items: { type: "string", minLength: 1 } },
+    refresh: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        minTtlSeconds: { type: "integer", minimum: 1 },
+        maxTtlSeconds: { type: "integer", minimum: 1 },
+        graceSeconds: { type: "integer", minimum: 0 },
+        maxAddressesPerName: { type: "integer", minimum: 1, maximum: 4096 },
+        allowPrivateAddresses: { type: "boolean" },
+      },
+    },
+    audit: {
+      type: "object",
+      additionalProperties: false,
+      properties: { schedule: { type: "string" }, repair: { type: "boolean" } },
+    },
+    log: {
+      type: "object",
+      additionalProperties: false,
+      properties: { level: { enum: ["fatal", "error", "warn", "info", "debug", "trace"] } },
+    },
+  },
+} as const;
+
+const ajv = new Ajv({ allErrors: true, strict: true });
+const checkService = ajv.compile(SERVICE_SCHEMA);
+const checkConfig = ajv.compile(CONFIG_SCHEMA);
+
+/** Parses "IP", "IP:PORT" or "[IPv6]:PORT" into an address and port. */
+export function parseResolver(
+  text: string,
+): { address: string; family: 4 | 6; port: number } | { error: string } {
+  let addr = text;
+  let port = 53;
+  const m = /^\[([^\]]+)\](?::([0-9]+))?$/.exec(text) ?? /^([0-9.]+)(?::([0-9]+))?$/.exec(text);
+  if (m) {
+    addr = m[1] ?? "";
+    if (m[2] !== undefined) port = Number(m[2]);
+  }
+  const net = parseNet(addr);
+  if ("error" in net || net.canonical.includes("/")) {
+    return {
+      error: `resolver "${text}" is not an address: write 127.0.0.53:53 or [2001:db8::53]:53`,
+    };
+  }
+  if (!Number.isInteger(port) || port < 1 || port > 65535) {
+    return { error: `resolver "${text}" has an invalid port: ports are 1-65535` };
+  }
+  return { address: net.canonical, family: net.family, port };
+}
+
+/** Validates parsed JSON as a service policy; returns it in canonical form or throws all problems. */
+export function validateService(raw: unknown, file: string, expectedName?: string): ServicePolicy {
+  if (!checkService(raw)) {
+    throw invalid(
+      "ERR_EGRESS_POLICY_INVALID",
+      `invalid service policy ${file}`,
+      ajvProblems(file, checkService.errors),
+    );
+  }
+  const doc = raw as {
+    name: string;
+    user: string | number;
+    group?: string | number;
+    mode?: Mode;
+    dns?: DnsMode;
+    outbound?: { host: string; ports: string | number; protocol?: Protocol }[];
+    inbound?: { ports: string | number; protocol?: Protocol; from?: string[] }[];
+  };
+  const problems: Problem[] = [];
+  const at = (path: string) => `${file}: ${path}`;
+  if (expectedName !== undefined && doc.name !== expectedName) {
+    problems.push({
+      where: at("$.name"),
+      text: `"${doc.name}" does not match the file name: the policy for ${doc.name} belongs in ${doc.name}.json`,
+    });
+  }
+  const ports = (value: string | number, path: string): string => {
+    const r = parsePorts(String(value));
+    if ("error" in r) {
+      problems.push({ where: at(path), text: r.error });
+      return String(value);
+    }
+    return formatPorts(r);
+  };
+  const outbound: OutboundRule[] = (doc.outbound ?? []).map((o, i) => {
+    const host = parseHost(o.host);
+    if ("error" in host) problems.push({ where: at(`$.outbound[${i}].host`), text: host.error });
+    return {
+      host: "error" in host ? o.host : hostText(host),
+      ports: ports(o.ports, `$.outbound[${i}].ports`),
+      protocol: o.protocol ?? "tcp",
+    };
+  });
+  const inbound: InboundRule[] = (doc.inbound ?? []).map((r, i) => {
+    const from = (r.from ?? []).map((f, j) => {
+      const net = parseNet(f);
+      if ("error" in net) {
+        problems.push({
+          where: at(`$.inbound[${i}].from[${j}]`),
+          text: `invalid address "${f}": ${net.error}`,
+        });
+        return f;
+      }
+      return net.canonical;
+    });
+    return {
+      ports: ports(r.ports, `$.inbound[${i}].ports`),
+      protocol: r.protocol ?? "tcp",
+      ...(from.length ? { from } : {}),
+    };
+  });
+  if (problems.length) {
+    throw invalid("ERR_EGRESS_POLICY_INVALID", `invalid service policy ${file}`, problems);
+  }
+  return {
+    name: doc.name,
+    user: doc.user,
+    ...(doc.group !== undefined ? { group: doc.group } : {}),
+    mode: doc.mode ?? "enforce",
+    dns: doc.dns ?? "system",
+    outbound,
+    inbound,
+  };
+}
+
+/** Validates parsed JSON as the daemon config; fills defaults or throws all problems. */
+export function validateConfig(raw: unknown, file: string): DaemonConfig {
+  if (!checkConfig(raw)) {
+    throw invalid(
+      "ERR_EGRESS_CONFIG_INVALID",
+      `invalid daemon config ${file}`,
+      ajvProblems(file, checkConfig.errors),
+    );
+  }
+  const doc = raw as {
+    table?: string;
+    resolvers?: string[];
+    refresh?: Partial<DaemonConfig["refresh"]>;
+    audit?: Partial<DaemonConfig["audit"]>;
+    log?: Partial<DaemonConfig["log"]>;
+  };
+  const config: DaemonConfig = {
+    table: doc.table ?? DEFAULT_CONFIG.table,
+    ...(doc.resolvers ? { resolvers: doc.resolvers } : {}),
+    refresh: { ...DEFAULT_CONFIG.refresh, ...doc.refresh },
+    audit: { ...DEFAULT_CONFIG.audit, ...doc.audit },
+    log: { ...DEFAULT_CONFIG.log, ...doc.log },
+  };
+  const problems: Problem[] = [];
+  (doc.resolvers ?? []).forEach((r, i) => {
+    const parsed = parseResolver(r);
+    if ("error" in parsed)
+      problems.push({ where: `${file}: $.resolvers[${i}]`, text: parsed.error });
+  });
+  if (config.refresh.minTtlSeconds > config.refresh.maxTtlSeconds) {
+    problems.push({
+      where: `${file}: $.refresh.minTtlSeconds`,
+      text: `${config.refresh.minTtlSeconds} exceeds maxTtlSeconds (${config.refresh.maxTtlSeconds})`,
+    });
+  }
+  if (!validateCron(config.audit.schedule)) {
+    problems.push({
+      where: `${file}: $.audit.schedule`,
+      text: `"${config.audit.schedule}" is not a cron expression, e.g. "*/5 * * * *"`,
+    });
+  }
+  if (problems.length)
+    throw invalid("ERR_EGRESS_CONFIG_INVALID", `invalid daemon config ${file}`, problems);
+  return config;
+}
+
+/** The JSON written to services.d/<name>.json: defaults spelled out, stable key order. */
+export function serviceToJSON(p: ServicePolicy): string {
+  const doc = {
+    name: p.name,
+    user: p.user,
+    ...(p.group !== undefined ? { group: p.group } : {}),
+    mode: p.mode,
+    dns: p.dns,
+    outbound: p.outbound.map((o) => ({ host: o.host, ports: o.ports, protocol: o.protocol })),
+    inbound: p.inbound.map((r) => ({
+      ports: r.ports,
+      protocol: r.protocol,
+      ...(r.from?.length ? { from: r.from } : {}),
+    })),
+  };
+  return JSON.stringify(doc, null, 2) + "\n";
+}

@@ -1,0 +1,33 @@
+// Bundles egressctl and egressd into self-contained files under dist/ (no node_modules at run time).
+import { build } from "esbuild";
+import { readFileSync } from "node:fs";
+
+const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8"));
+const entries = { egressctl: "cli/egressctl.ts", egressd: "agent/egressd.ts" };
+
+for (const [name, entry] of Object.entries(entries)) {
+  await build({
+    entryPoints: [entry],
+    outfile: `dist/${name}.js`,
+    bundle: true,
+    platform: "node",
+    target: "node20",
+    format: "esm",
+    sourcemap: false,
+    legalComments: "none",
+    define: { EGRESSD_VERSION: JSON.stringify(pkg.version) },
+    // CommonJS dependencies call require(); give the ESM bundle one.
+    banner: {
+      js: [
+        "#!/usr/bin/env node",
+        "import { createRequire as __egressdRequire } from 'node:module';",
+        "import { fileURLToPath as __egressdPath } from 'node:url';",
+        "const require = __egressdRequire(import.meta.url);",
+        "const __filename = __egressdPath(import.meta.url);",
+        "const __dirname = __egressdPath(new URL('.', import.meta.url));",
+      ].join("\n"),
+    },
+    logLevel: "warning",
+  });
+}
+console.log(`built dist/egressctl.js and dist/egressd.js (version ${pkg.version})`);

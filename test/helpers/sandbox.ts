@@ -1,0 +1,256 @@
+/**
+ * System-test sandbox: a throwaway network namespace with documentation-range addresses
+ * on its loopback, a peer process (servers + DNS) inside it, a private config dir, and
+ * helpers to run egressctl, nft and probes (under test uids) inside it.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import {
+  chmodSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  renameSync,
+} from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { build } from "esbuild";
+import { execa } from "execa";
+
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+export const EGRESSCTL = join(ROOT, "dist/egressctl.js");
+export const EGRESSD = join(ROOT, "dist/egressd.js");
+
+let fixtureDir: string | null = null;
+
+/** Bundles the peer and probe fixtures once into a world-readable temp dir (test uids run them). */
+export async function fixtures(): Promise<{ peer: string; probe: string }> {
+  if (!fixtureDir) {
+    const dir = mkdtempSync(join(tmpdir(), "egressd-fixtures-"));
+    chmodSync(dir, 0o755);
+    for (const name of ["peer", "probe"]) {
+      await build({
+        entryPoints: [join(ROOT, `test/fixtures/${name}.ts`)],
+        outfile: join(dir, `${name}.mjs`),
+        bundle: true,
+        platform: "node",
+        format: "esm",
+        target: "node20",
+        banner: {
+          js: "import { createRequire as __r } from 'node:module'; const require = __r(import.meta.url);",
+        },
+        logLevel: "error",
+      });
+    }
+    fixtureDir = dir;
+  }
+  return { peer: join(fixtureDir, "peer.mjs"), probe: join(fixtureDir, "probe.mjs") };
+}
+
+export interface Listen {
+  proto: "tcp" | "udp";
+  host: string;
+  port: number;
+}
+
+export type Records = Record<
+  string,
+  { A?: string[]; AAAA?: string[]; CNAME?: string; ttl?: number; rcode?: string }
+>;
+
+export interface ProbeResult {
+  proto: string;
+  host: string;
+  port: number;
+  result: string;
+  ms: number;
+}
+
+let counter = 0;
+
+export class Sandbox {
+  private peer: ChildProcess | null = null;
+  readonly configDir: string;
+  readonly stateDir: string;
+  readonly recordsFile: string;
+
+  private constructor(
+    readonly ns: string,
+    readonly dir: string,
+  ) {
+    this.configDir = join(dir, "etc");
+    this.stateDir = join(dir, "state");
+    this.recordsFile = join(dir, "records.json");
+  }
+
+  /** A fresh namespace with `addresses` on lo and a DNS server on 127.0.0.1:53. */
+  static async create(
+    opts: { addresses?: string[]; listen?: Listen[]; records?: Records; config?: object } = {},
+  ): Promise<Sandbox> {
+    const ns = `egt-${process.pid}-${++counter}`;
+    const dir = mkdtempSync(join(tmpdir(), `${ns}-`));
+    chmodSync(dir, 0o755);
+    const sb = new Sandbox(ns, dir);
+    await execa("ip", ["netns", "add", ns]);
+    try {
+      await sb.ip("link", "set", "lo", "up");
+      for (const a of opts.addresses ?? []) {
+        const v6 = a.includes(":");
+        await sb.ip("addr", "add", `${a}/${v6 ? 128 : 32}`, "dev", "lo", ...(v6 ? ["nodad"] : []));
+      }
+      sb.setRecords(opts.records ?? {});
+      sb.writeConfig(opts.config ?? { resolvers: ["127.0.0.1:53"] });
+      await sb.startPeer(opts.listen ?? []);
+    } catch (err) {
+      await sb.destroy();
+      throw err;
+    }
+    return sb;
+  }
+
+  ip(...args: string[]) {
+    return execa("ip", ["-n", this.ns, ...args]);
+  }
+
+  /** Runs a command inside the namespace. */
+  exec(
+    cmd: string,
+    args: readonly string[],
+    opts: { input?: string; env?: Record<string, string> } = {},
+  ) {
+    return execa("ip", ["netns", "exec", this.ns, cmd, ...args], {
+      reject: false,
+      timeout: 120_000,
+      ...(opts.input !== undefined ? { input: opts.input } : { stdin: "ignore" as const }),
+      ...(opts.env ? { env: opts.env } : {}),
+    });
+  }
+
+  /** Runs egressctl inside the namespace against this sandbox's config dir. */
+  egressctl(...args: string[]) {
+    return this.exec(process.execPath, [
+      EGRESSCTL,
+      "--config-dir",
+      this.configDir,
+      "--state-dir",
+      this.stateDir,
+      ...args,
+    ]);
+  }
+
+  async nft(...args: string[]): Promise<string> {
+    const r = await this.exec("nft", args);
+    if (r.exitCode !== 0) throw new Error(`nft ${args.join(" ")}: ${r.stderr}`);
+    return r.stdout;
+  }
+
+  /** Loads an nft script (text syntax) inside the namespace. */
+  async nftScript(text: string): Promise<void> {
+    const file = join(this.dir, `script-${++counter}.nft`);
+    writeFileSync(file, text);
+    await this.nft("-f", file);
+  }
+
+  async nftJson(
+    ...args: string[]
+  ): Promise<{ nftables: Record<string, Record<string, unknown>>[] }> {
+    return JSON.parse(await this.nft("-j", ...args)) as {
+      nftables: Record<string, Record<string, unknown>>[];
+    };
+  }
+
+  /** Tries connections as `uid` from inside the namespace. */
+  async probe(
+    uid: number,
+    attempts: { proto: "tcp" | "udp" | "dns"; host: string; port: number; name?: string }[],
+    gid = uid,
+  ): Promise<ProbeResult[]> {
+    const { probe } = await fixtures();
+    const r = await this.exec("setpriv", [
+      `--reuid=${uid}`,
+      `--regid=${gid}`,
+      "--clear-groups",
+      process.execPath,
+      probe,
+      JSON.stringify(attempts),
+    ]);
+    if (r.exitCode !== 0) throw new Error(`probe failed: ${r.stderr}`);
+    return JSON.parse(r.stdout) as ProbeResult[];
+  }
+
+  /** One probe's result string. */
+  async try1(uid: number, proto: "tcp" | "udp", host: string, port: number): Promise<string> {
+    const [r] = await this.probe(uid, [{ proto, host, port }]);
+    return r?.result ?? "none";
+  }
+
+  setRecords(records: Records): void {
+    const tmp = `${this.recordsFile}.tmp`;
+    writeFileSync(tmp, JSON.stringify(records));
+    renameSync(tmp, this.recordsFile);
+  }
+
+  writeConfig(config: object): void {
+    mkdirSync(this.configDir, { recursive: true });
+    writeFileSync(join(this.configDir, "egressd.json"), JSON.stringify(config, null, 2));
+  }
+
+  servicesFile(name: string): string {
+    return join(this.configDir, "services.d", `${name}.json`);
+  }
+
+  readService(name: string): string {
+    return readFileSync(this.servicesFile(name), "utf8");
+  }
+
+  private async startPeer(listen: Listen[]): Promise<void> {
+    const { peer } = await fixtures();
+    const spec = { listen, dns: { host: "127.0.0.1", port: 53, records: this.recordsFile } };
+    const child = spawn(
+      "ip",
+      ["netns", "exec", this.ns, process.execPath, peer, JSON.stringify(spec)],
+      {
+        stdio: ["pipe", "pipe", "inherit"],
+      },
+    );
+    this.peer = child;
+    await new Promise<void>((resolveReady, reject) => {
+      const timer = setTimeout(() => reject(new Error("peer did not start within 10 s")), 10_000);
+      child.stdout?.on("data", (d: Buffer) => {
+        if (d.toString().includes("ready")) {
+          clearTimeout(timer);
+          resolveReady();
+        }
+      });
+      child.on("exit", (code) => {
+        clearTimeout(timer);
+        reject(new Error(`peer exited with ${String(code)}`));
+      });
+    });
+  }
+
+  async destroy(): Promise<void> {
+    if (this.peer && this.peer.exitCode === null) {
+      const exited = new Promise((r) => this.peer?.once("exit", r));
+      this.peer.kill("SIGTERM");
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 2000))]);
+    }
+    await execa("ip", ["netns", "delete", this.ns], { reject: false });
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** Runs `fn` with a fresh sandbox and always tears it down. */
+export async function withSandbox<T>(
+  opts: Parameters<typeof Sandbox.create>[0],
+  fn: (sb: Sandbox) => Promise<T>,
+): Promise<T> {
+  const sb = await Sandbox.create(opts);
+  try {
+    return await fn(sb);
+  } finally {
+    await sb.destroy();
+  }
+}
