@@ -16,12 +16,12 @@ export interface Nft {
   listTable(table: string): Promise<unknown | null>;
 }
 
+/** `nft`, or the program named by EGRESSD_NFT (tests point it at a wrapper that counts calls). */
 function nftBinary(): string {
   return process.env.EGRESSD_NFT || "nft";
 }
 
-async function run(args: string[]): Promise<string> {
-  const bin = nftBinary();
+async function run(bin: string, args: string[]): Promise<string> {
   try {
     const r = await execa(bin, args, { stdin: "ignore", timeout: 120_000 });
     return r.stdout;
@@ -59,26 +59,26 @@ async function run(args: string[]): Promise<string> {
  * `nft -f -` cannot read a pipe that is a socket (Node's child stdio is one: nft opens
  * /dev/stdin and gets ENXIO), so the batch goes through a private temporary file.
  */
-async function runBatch(batch: Batch, check: boolean): Promise<void> {
+async function runBatch(bin: string, batch: Batch, check: boolean): Promise<void> {
   validateBatch(batch);
   const dir = await mkdtemp(join(tmpdir(), "egressd-"));
   try {
     const file = join(dir, "batch.json");
     await writeFile(file, JSON.stringify(batch), { mode: 0o600 });
-    await run([...(check ? ["-c"] : []), "-j", "-f", file]);
+    await run(bin, [...(check ? ["-c"] : []), "-j", "-f", file]);
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
 }
 
 /** The real `nft`, run through execa. */
-export function execNft(): Nft {
+export function execNft(bin: string = nftBinary()): Nft {
   return {
-    apply: (batch) => runBatch(batch, false),
-    check: (batch) => runBatch(batch, true),
+    apply: (batch) => runBatch(bin, batch, false),
+    check: (batch) => runBatch(bin, batch, true),
     async listTable(table) {
       try {
-        return JSON.parse(await run(["-j", "list", "table", "inet", table])) as unknown;
+        return JSON.parse(await run(bin, ["-j", "list", "table", "inet", table])) as unknown;
       } catch (err) {
         if (
           err instanceof EgressError &&

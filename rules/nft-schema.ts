@@ -5,6 +5,8 @@
  */
 import { Ajv2020 } from "ajv/dist/2020.js";
 import { EgressError } from "./errors.ts";
+import { lazy } from "./lazy.ts";
+
 import type { Batch } from "./batch.ts";
 
 const NAME = { type: "string", pattern: "^[A-Za-z_][A-Za-z0-9_]{0,62}$" };
@@ -270,11 +272,11 @@ const schema = {
   },
 };
 
-const ajv = new Ajv2020({ allErrors: true, strict: true });
-const check = ajv.compile(schema);
+const batchValidator = lazy(() => new Ajv2020({ allErrors: true, strict: true }).compile(schema));
 
 /** Throws ERR_EGRESS_NFT_SCHEMA (an internal error) when a batch strays from the schema. */
 export function validateBatch(batch: unknown): asserts batch is Batch {
+  const check = batchValidator();
   if (check(batch)) return;
   // Inside oneOf every branch complains; the deepest complaint is the one that names the mistake.
   const first = [...(check.errors ?? [])].sort(

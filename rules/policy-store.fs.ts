@@ -27,7 +27,8 @@ function parseJSON(text: string, file: string): unknown {
     throw invalid(
       "ERR_EGRESS_JSON",
       `${file} is not valid JSON`,
-      [{ where: file, text: (err as Error).message }],
+      [{ where: file, text: `not valid JSON: ${(err as Error).message}` }],
+
       "fix the JSON syntax",
     );
   }

@@ -3,6 +3,8 @@ import { Ajv } from "ajv";
 import { validate as validateCron } from "node-cron";
 import { invalid, type Problem } from "./errors.ts";
 import { parseNet } from "./addresses.ts";
+import { lazy } from "./lazy.ts";
+
 import { ajvProblems } from "./schema-errors.ts";
 import {
   hostText,
@@ -158,9 +160,9 @@ export const CONFIG_SCHEMA = {
   },
 } as const;
 
-const ajv = new Ajv({ allErrors: true, strict: true });
-const checkService = ajv.compile(SERVICE_SCHEMA);
-const checkConfig = ajv.compile(CONFIG_SCHEMA);
+const ajv = lazy(() => new Ajv({ allErrors: true, strict: true }));
+const serviceValidator = lazy(() => ajv().compile(SERVICE_SCHEMA));
+const configValidator = lazy(() => ajv().compile(CONFIG_SCHEMA));
 
 /** Parses "IP", "IP:PORT" or "[IPv6]:PORT" into an address and port. */
 export function parseResolver(
@@ -187,74 +189,80 @@ export function parseResolver(
 
 /** Validates parsed JSON as a service policy; returns it in canonical form or throws all problems. */
 export function validateService(raw: unknown, file: string, expectedName?: string): ServicePolicy {
-  if (!checkService(raw)) {
-    throw invalid(
-      "ERR_EGRESS_POLICY_INVALID",
-      `invalid service policy ${file}`,
-      ajvProblems(file, checkService.errors),
-    );
-  }
-  const doc = raw as {
-    name: string;
-    user: string | number;
-    group?: string | number;
-    mode?: Mode;
-    dns?: DnsMode;
-    outbound?: { host: string; ports: string | number; protocol?: Protocol }[];
-    inbound?: { ports: string | number; protocol?: Protocol; from?: string[] }[];
-  };
-  const problems: Problem[] = [];
+  // Schema problems and value problems are collected together: one run shows them all.
+  const checkService = serviceValidator();
+  const problems: Problem[] = checkService(raw) ? [] : ajvProblems(file, checkService.errors);
+  const doc = (raw && typeof raw === "object" ? raw : {}) as Record<string, unknown>;
   const at = (path: string) => `${file}: ${path}`;
-  if (expectedName !== undefined && doc.name !== expectedName) {
+  const list = (v: unknown): Record<string, unknown>[] =>
+    Array.isArray(v)
+      ? v.map((x) => (x && typeof x === "object" ? (x as Record<string, unknown>) : {}))
+      : [];
+  const str = (v: unknown): string | null =>
+    typeof v === "string" || typeof v === "number" ? String(v) : null;
+  const protocol = (v: unknown): Protocol => (v === "udp" ? "udp" : "tcp");
+  if (expectedName !== undefined && typeof doc.name === "string" && doc.name !== expectedName) {
     problems.push({
       where: at("$.name"),
       text: `"${doc.name}" does not match the file name: the policy for ${doc.name} belongs in ${doc.name}.json`,
     });
   }
-  const ports = (value: string | number, path: string): string => {
-    const r = parsePorts(String(value));
+  const ports = (value: unknown, path: string): string => {
+    const text = str(value);
+    if (text === null) return "";
+    const r = parsePorts(text);
     if ("error" in r) {
-      problems.push({ where: at(path), text: r.error });
-      return String(value);
+      if (/^[0-9]{1,5}(-[0-9]{1,5})?$/.test(text))
+        problems.push({ where: at(path), text: r.error });
+      return text;
     }
     return formatPorts(r);
   };
-  const outbound: OutboundRule[] = (doc.outbound ?? []).map((o, i) => {
-    const host = parseHost(o.host);
-    if ("error" in host) problems.push({ where: at(`$.outbound[${i}].host`), text: host.error });
+  const outbound: OutboundRule[] = list(doc.outbound).map((o, i) => {
+    const hostText_ = typeof o.host === "string" ? o.host : "";
+    const host = parseHost(hostText_);
+    if ("error" in host && hostText_)
+      problems.push({ where: at(`$.outbound[${i}].host`), text: host.error });
     return {
-      host: "error" in host ? o.host : hostText(host),
+      host: "error" in host ? hostText_ : hostText(host),
       ports: ports(o.ports, `$.outbound[${i}].ports`),
-      protocol: o.protocol ?? "tcp",
+      protocol: protocol(o.protocol),
     };
   });
-  const inbound: InboundRule[] = (doc.inbound ?? []).map((r, i) => {
-    const from = (r.from ?? []).map((f, j) => {
-      const net = parseNet(f);
+  const inbound: InboundRule[] = list(doc.inbound).map((r, i) => {
+    const from = (Array.isArray(r.from) ? r.from : []).map((f: unknown, j: number) => {
+      const text = typeof f === "string" ? f : "";
+      const net = parseNet(text);
       if ("error" in net) {
-        problems.push({
-          where: at(`$.inbound[${i}].from[${j}]`),
-          text: `invalid address "${f}": ${net.error}`,
-        });
-        return f;
+        if (text)
+          problems.push({
+            where: at(`$.inbound[${i}].from[${j}]`),
+            text: `invalid address "${text}": ${net.error}`,
+          });
+        return text;
       }
       return net.canonical;
     });
     return {
       ports: ports(r.ports, `$.inbound[${i}].ports`),
-      protocol: r.protocol ?? "tcp",
+      protocol: protocol(r.protocol),
       ...(from.length ? { from } : {}),
     };
   });
   if (problems.length) {
-    throw invalid("ERR_EGRESS_POLICY_INVALID", `invalid service policy ${file}`, problems);
+    throw invalid(
+      "ERR_EGRESS_POLICY_INVALID",
+      `invalid service policy ${file}`,
+      problems,
+      "fix the file, then retry",
+    );
   }
   return {
-    name: doc.name,
-    user: doc.user,
-    ...(doc.group !== undefined ? { group: doc.group } : {}),
-    mode: doc.mode ?? "enforce",
-    dns: doc.dns ?? "system",
+    name: doc.name as string,
+    user: doc.user as string | number,
+    ...(doc.group !== undefined ? { group: doc.group as string | number } : {}),
+    mode: (doc.mode as Mode | undefined) ?? "enforce",
+    dns: (doc.dns as DnsMode | undefined) ?? "system",
     outbound,
     inbound,
   };
@@ -262,47 +270,49 @@ export function validateService(raw: unknown, file: string, expectedName?: strin
 
 /** Validates parsed JSON as the daemon config; fills defaults or throws all problems. */
 export function validateConfig(raw: unknown, file: string): DaemonConfig {
-  if (!checkConfig(raw)) {
-    throw invalid(
-      "ERR_EGRESS_CONFIG_INVALID",
-      `invalid daemon config ${file}`,
-      ajvProblems(file, checkConfig.errors),
-    );
-  }
-  const doc = raw as {
+  const checkConfig = configValidator();
+  const problems: Problem[] = checkConfig(raw) ? [] : ajvProblems(file, checkConfig.errors);
+  const doc = (raw && typeof raw === "object" ? raw : {}) as {
     table?: string;
-    resolvers?: string[];
+    resolvers?: unknown[];
     refresh?: Partial<DaemonConfig["refresh"]>;
     audit?: Partial<DaemonConfig["audit"]>;
     log?: Partial<DaemonConfig["log"]>;
   };
   const config: DaemonConfig = {
     table: doc.table ?? DEFAULT_CONFIG.table,
-    ...(doc.resolvers ? { resolvers: doc.resolvers } : {}),
+    ...(Array.isArray(doc.resolvers) ? { resolvers: doc.resolvers as string[] } : {}),
     refresh: { ...DEFAULT_CONFIG.refresh, ...doc.refresh },
     audit: { ...DEFAULT_CONFIG.audit, ...doc.audit },
     log: { ...DEFAULT_CONFIG.log, ...doc.log },
   };
-  const problems: Problem[] = [];
-  (doc.resolvers ?? []).forEach((r, i) => {
+  (config.resolvers ?? []).forEach((r, i) => {
+    if (typeof r !== "string") return;
     const parsed = parseResolver(r);
     if ("error" in parsed)
       problems.push({ where: `${file}: $.resolvers[${i}]`, text: parsed.error });
   });
-  if (config.refresh.minTtlSeconds > config.refresh.maxTtlSeconds) {
+  const { minTtlSeconds: min, maxTtlSeconds: max } = config.refresh;
+  if (typeof min === "number" && typeof max === "number" && min > max) {
     problems.push({
       where: `${file}: $.refresh.minTtlSeconds`,
-      text: `${config.refresh.minTtlSeconds} exceeds maxTtlSeconds (${config.refresh.maxTtlSeconds})`,
+      text: `${min} exceeds maxTtlSeconds (${max})`,
     });
   }
-  if (!validateCron(config.audit.schedule)) {
+  if (typeof config.audit.schedule === "string" && !validateCron(config.audit.schedule)) {
     problems.push({
       where: `${file}: $.audit.schedule`,
       text: `"${config.audit.schedule}" is not a cron expression, e.g. "*/5 * * * *"`,
     });
   }
-  if (problems.length)
-    throw invalid("ERR_EGRESS_CONFIG_INVALID", `invalid daemon config ${file}`, problems);
+  if (problems.length) {
+    throw invalid(
+      "ERR_EGRESS_CONFIG_INVALID",
+      `invalid daemon config ${file}`,
+      problems,
+      "fix the file, then retry",
+    );
+  }
   return config;
 }
 

@@ -10,9 +10,14 @@ const args = [
   "test",
   process.argv[2] ?? "\\.test\\.ts$",
 ];
+// Plain output for parsing (kleur, uvu's colour library, honours FORCE_COLOR=0).
+const env = { ...process.env, FORCE_COLOR: "0", NODE_DISABLE_COLORS: "1" };
+
+delete env.NO_COLOR;
+
 const child = spawn(process.execPath, args, {
   stdio: ["ignore", "pipe", "inherit"],
-  env: { ...process.env, NO_COLOR: "1" },
+  env,
 });
 let out = "";
 child.stdout.on("data", (d) => {

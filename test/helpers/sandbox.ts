@@ -146,6 +146,13 @@ export class Sandbox {
     return r.stdout;
   }
 
+  /** A program that runs nft inside this namespace: for calling agent modules directly. */
+  nftWrapper(): string {
+    const file = join(this.dir, "nft-in-ns");
+    writeFileSync(file, `#!/bin/sh\nexec ip netns exec ${this.ns} nft "$@"\n`, { mode: 0o755 });
+    return file;
+  }
+
   /** Loads an nft script (text syntax) inside the namespace. */
   async nftScript(text: string): Promise<void> {
     const file = join(this.dir, `script-${++counter}.nft`);

@@ -1,0 +1,204 @@
+import { createHash } from "node:crypto";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { suite } from "uvu";
+import * as assert from "uvu/assert";
+import { execa } from "execa";
+import { EGRESSCTL } from "../helpers/sandbox.ts";
+
+const test = suite("egressctl: argv in, stdout/stderr/exit code out");
+
+let dir = "";
+
+function run(...args: string[]) {
+  return execa(process.execPath, [EGRESSCTL, "--config-dir", dir, ...args], {
+    reject: false,
+    stdin: "ignore",
+    env: { EGRESSD_NFT: "/nonexistent/nft" },
+  });
+}
+
+/** A digest of every file under the config dir (names and bytes). */
+function snapshot(): string {
+  const h = createHash("sha256");
+  const walk = (d: string) => {
+    for (const e of readdirSync(d).sort()) {
+      const p = join(d, e);
+      if (e === ".egressctl.lock") continue;
+      if (statSync(p).isDirectory()) walk(p);
+      else h.update(`${p}\0`).update(readFileSync(p));
+    }
+  };
+  walk(dir);
+  return h.digest("hex");
+}
+
+test.before.each(async () => {
+  dir = mkdtempSync(join(tmpdir(), "egressctl-cli-"));
+  for (const args of [
+    ["register", "svc-web", "--user", "2001"],
+    ["allow", "svc-web", "api.example.test:443", "10.0.0.0/8:5432"],
+  ]) {
+    const r = await run(...args);
+    assert.is(r.exitCode, 0, r.stderr);
+  }
+});
+
+test.after.each(() => rmSync(dir, { recursive: true, force: true }));
+
+/** [args, fragment stderr must contain] — every one exits 2 and changes no file. */
+const BAD: [string[], string][] = [
+  [
+    ["allow", "svc-web", "api.example.com:70000"],
+    'egressctl: invalid port "70000" in "api.example.com:70000": ports are 1-65535',
+  ],
+  [
+    ["allow", "svc-web", "good.example.test:443", "bad.example.test:0"],
+    'invalid port "0" in "bad.example.test:0"',
+  ],
+  [["allow", "svc-web", "[2001:db8::1]:443", "2001:db8::2:443"], "brackets"],
+  [["allow", "svc-web", "10.0.0.1/8:22"], "the network is 10.0.0.0/8"],
+  [["allow", "svc-web", "*.example.com:443"], "wildcards are not supported"],
+  [["allow", "svc-web", "api.example.test:443/sctp"], 'invalid protocol "sctp"'],
+  [["allow", "svc-nope", "a.example.test:443"], 'service "svc-nope" is not registered'],
+  [["allow", "Svc_Web", "a.example.test:443"], 'invalid service name "Svc_Web"'],
+  [["allow", "svc-web"], "missing required argument 'target'"],
+  [["revoke", "svc-web", "api.example.test:444"], "svc-web does not allow api.example.test:444"],
+  [
+    ["revoke", "svc-web", "api.example.test:443", "nope.example.test:1"],
+    "does not allow nope.example.test:1",
+  ],
+  [["register", "svc-two", "--user", "no-such-user-egt"], 'user "no-such-user-egt" does not exist'],
+  [["register", "svc-two", "--user", "2001"], "uid 2001 is already used by service svc-web"],
+  [["register", "svc-two", "--user", "2002", "--mode", "paranoid"], 'invalid mode "paranoid"'],
+  [
+    ["register", "svc-two", "--user", "2002", "--group", "no-such-group-egt"],
+    'group "no-such-group-egt" does not exist',
+  ],
+  [["register", "svc-two", "--user", "4294967295"], 'invalid user id "4294967295"'],
+  [["register", "svc-two", "--user", "Bad User"], 'invalid user name "Bad User"'],
+  [["register", "svc-two", "--user", "2002", "--create-user"], "--create-user needs a user name"],
+  [["register", "svc-two"], "required option '--user <name|uid>' not specified"],
+  [["register", "svc_two", "--user", "2003"], 'invalid service name "svc_two"'],
+  [["register", "a-service-name-that-is-far-too-long-x", "--user", "2003"], "invalid service name"],
+  [["register", "svc-", "--user", "2003"], 'invalid service name "svc-"'],
+  [["unregister", "svc-nope"], 'service "svc-nope" is not registered'],
+  [["list", "svc-nope"], 'service "svc-nope" is not registered'],
+  [["frobnicate"], "unknown command 'frobnicate'"],
+  [["apply", "--dry-rn"], "unknown option '--dry-rn'"],
+];
+
+for (const [args, fragment] of BAD) {
+  test(`egressctl ${args.join(" ")} exits 2 and changes nothing`, async () => {
+    const before = snapshot();
+    const r = await run(...args);
+    assert.is(r.exitCode, 2, `exit ${r.exitCode}\n${r.stdout}\n${r.stderr}`);
+    assert.match(r.stderr, fragment);
+    assert.is(snapshot(), before, "policy files changed");
+  });
+}
+
+test("--json gives errors as data with a stable code", async () => {
+  const r = await run("--json", "allow", "svc-web", "x.example.test:0");
+  assert.is(r.exitCode, 2);
+  const out = JSON.parse(r.stdout) as { error: { code: string; message: string } };
+  assert.is(out.error.code, "ERR_EGRESS_TARGET");
+  assert.match(out.error.message, 'invalid port "0"');
+});
+
+test("a broken policy file stops apply with exit 2, naming the file and JSON path", async () => {
+  const file = join(dir, "services.d", "svc-bad.json");
+  writeFileSync(
+    file,
+    JSON.stringify({
+      name: "svc-bad",
+      user: 2005,
+      outbound: [{ host: "a.example.test", port: "443" }],
+    }),
+  );
+  const r = await run("apply");
+  assert.is(r.exitCode, 2);
+  assert.match(r.stderr, `${file}: $.outbound[0].port: unknown key "port"`);
+  assert.match(r.stderr, `${file}: $.outbound[0].ports: missing required key "ports"`);
+});
+
+test("a misspelt key in egressd.json is rejected, not ignored", async () => {
+  writeFileSync(join(dir, "egressd.json"), JSON.stringify({ refresh: { maxTTLSeconds: 60 } }));
+  const r = await run("apply");
+  assert.is(r.exitCode, 2);
+  assert.match(r.stderr, '$.refresh.maxTTLSeconds: unknown key "maxTTLSeconds"');
+});
+
+test("invalid JSON is reported with the file name", async () => {
+  writeFileSync(join(dir, "services.d", "svc-web.json"), "{ not json");
+  const r = await run("list");
+  assert.is(r.exitCode, 2);
+  assert.match(r.stderr, `${join(dir, "services.d", "svc-web.json")}: not valid JSON`);
+});
+
+test("when nft cannot run, apply exits 3 and says what to install", async () => {
+  const r = await run("apply");
+  assert.is(r.exitCode, 3, r.stderr);
+  assert.match(r.stderr, 'cannot run "/nonexistent/nft"');
+  assert.match(r.stderr, "install nftables");
+});
+
+test("allow, list and revoke round-trip; allowing twice is a no-op", async () => {
+  let r = await run(
+    "allow",
+    "svc-web",
+    "[2001:db8::/32]:443",
+    "dns.example.test:53/udp",
+    "api.example.test:443",
+  );
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, "svc-web: allowed [2001:db8::/32]:443, dns.example.test:53/udp");
+  assert.match(r.stdout, "already allowed api.example.test:443");
+  assert.match(r.stdout, "egressd is not running");
+  r = await run("list", "svc-web");
+  assert.is(
+    r.stdout,
+    // (execa strips the final newline)
+    "svc-web  user 2001  mode enforce  dns system\n  out api.example.test:443\n  out 10.0.0.0/8:5432\n  out [2001:db8::/32]:443\n  out dns.example.test:53/udp",
+  );
+  r = await run("revoke", "svc-web", "api.example.test:443", "dns.example.test:53/udp");
+  assert.is(r.exitCode, 0, r.stderr);
+  r = await run("--json", "list");
+  const data = JSON.parse(r.stdout) as { services: { outbound: { host: string }[] }[] };
+  assert.equal(
+    data.services[0]?.outbound.map((o) => o.host),
+    ["10.0.0.0/8", "2001:db8::/32"],
+  );
+});
+
+test("twenty egressctl allow commands at the same moment all land", async () => {
+  const runs = await Promise.all(
+    Array.from({ length: 20 }, (_, i) => run("allow", "svc-web", `h${i}.example.test:443`)),
+  );
+  for (const r of runs) assert.is(r.exitCode, 0, r.stderr);
+  const policy = JSON.parse(readFileSync(join(dir, "services.d", "svc-web.json"), "utf8")) as {
+    outbound: { host: string }[];
+  };
+  for (let i = 0; i < 20; i++)
+    assert.ok(
+      policy.outbound.some((o) => o.host === `h${i}.example.test`),
+      `h${i} lost`,
+    );
+  assert.is(policy.outbound.length, 22);
+});
+
+test("--help works for every command and --version prints the version", async () => {
+  for (const c of ["register", "unregister", "allow", "revoke", "list", "apply"]) {
+    const r = await run(c, "--help");
+    assert.is(r.exitCode, 0);
+    assert.match(r.stdout, `Usage: egressctl ${c}`);
+  }
+  const v = await run("--version");
+  assert.is(
+    v.stdout.trim(),
+    (JSON.parse(readFileSync("package.json", "utf8")) as { version: string }).version,
+  );
+});
+
+test.run();

@@ -1,0 +1,180 @@
+import { suite } from "uvu";
+import * as assert from "uvu/assert";
+import { replaceBatch } from "../../rules/batch.ts";
+import { compile } from "../../rules/compile.ts";
+import { EgressError } from "../../rules/errors.ts";
+import { validateBatch } from "../../rules/nft-schema.ts";
+import { elemText, ruleText } from "../../rules/render.ts";
+import type { Ruleset } from "../../rules/ruleset.ts";
+import { policy } from "../helpers/builders.ts";
+
+const test = suite("compiler");
+
+const chain = (r: Ruleset, name: string) => r.chains.find((c) => c.name === name);
+const set = (r: Ruleset, name: string) => r.sets.find((s) => s.name === name);
+const rules = (r: Ruleset, name: string) => chain(r, name)?.rules.map(ruleText);
+const elems = (r: Ruleset, name: string) => set(r, name)?.elem.map(elemText);
+
+test("the base chain accepts established traffic, then dispatches by uid and gid through maps", () => {
+  const r = compile(policy().service("svc-web", 2001).allow("api.example.test:443").build());
+  assert.equal(chain(r, "output")?.base, {
+    type: "filter",
+    hook: "output",
+    prio: 0,
+    policy: "accept",
+  });
+  assert.equal(rules(r, "output"), [
+    "ct state established,related accept",
+    "meta skuid vmap @uid_dispatch",
+    "meta skgid vmap @gid_dispatch",
+  ]);
+  assert.equal(elems(r, "uid_dispatch"), ["2001 : goto s_svc_web"]);
+  assert.equal(elems(r, "gid_dispatch"), []);
+});
+
+test("a service chain allows resolvers, literals and resolved names, then counts, logs and rejects", () => {
+  const r = compile(
+    policy()
+      .service("svc-web", 2001)
+      .allow("api.example.test:443", "10.0.0.0/8:5432", "[2001:db8::/32]:443", "192.0.2.7:53/udp")
+      .resolve("api.example.test", "203.0.113.5", "2001:db8:5::1")
+      .build(),
+  );
+  assert.equal(rules(r, "s_svc_web"), [
+    "ip daddr . meta l4proto . th dport @resolvers4 accept",
+    "ip6 daddr . meta l4proto . th dport @resolvers6 accept",
+    "ip daddr . meta l4proto . th dport @s_svc_web_lit4 accept",
+    "ip6 daddr . meta l4proto . th dport @s_svc_web_lit6 accept",
+    "ip daddr . meta l4proto . th dport @s_svc_web_dns4 accept",
+    "ip6 daddr . meta l4proto . th dport @s_svc_web_dns6 accept",
+    'counter name "s_svc_web"',
+    'limit rate 5/second burst 10 packets log prefix "egressd reject svc-web: "',
+    "meta l4proto tcp reject with tcp reset",
+    "reject with icmpx admin-prohibited",
+  ]);
+  assert.equal(elems(r, "s_svc_web_lit4"), ["10.0.0.0/8 . tcp . 5432", "192.0.2.7 . udp . 53"]);
+  assert.equal(elems(r, "s_svc_web_lit6"), ["2001:db8::/32 . tcp . 443"]);
+  assert.equal(elems(r, "s_svc_web_dns4"), ["203.0.113.5 . tcp . 443"]);
+  assert.equal(elems(r, "s_svc_web_dns6"), ["2001:db8:5::1 . tcp . 443"]);
+  assert.equal(elems(r, "resolvers4"), ["127.0.0.53 . tcp . 53", "127.0.0.53 . udp . 53"]);
+});
+
+test("audit mode counts and logs but accepts; dns none drops the resolver rules", () => {
+  const r = compile(policy().service("svc-a", 2001).set({ mode: "audit", dns: "none" }).build());
+  assert.equal(rules(r, "s_svc_a"), [
+    'counter name "s_svc_a"',
+    'limit rate 5/second burst 10 packets log prefix "egressd audit svc-a: "',
+    "accept",
+  ]);
+});
+
+test("a service with a group is also dispatched by gid", () => {
+  const r = compile(policy().service("svc-a", 2001).gid(3001).service("svc-b", 2002).build());
+  assert.equal(elems(r, "gid_dispatch"), ["3001 : goto s_svc_a"]);
+  assert.equal(elems(r, "uid_dispatch"), ["2001 : goto s_svc_a", "2002 : goto s_svc_b"]);
+});
+
+test("overlapping allowances become disjoint elements covering the same traffic", () => {
+  const r = compile(
+    policy()
+      .service("svc-web", 2001)
+      .allow(
+        "10.0.0.0/8:5432",
+        "10.1.0.0/16:5000-6000",
+        "10.1.2.3:5432",
+        "192.0.2.0/25:53/udp",
+        "192.0.2.128/25:53/udp",
+      )
+      .build(),
+  );
+  assert.equal(elems(r, "s_svc_web_lit4"), [
+    "10.0.0.0/8 . tcp . 5432",
+    "10.1.0.0/16 . tcp . 5000-5431",
+    "10.1.0.0/16 . tcp . 5433-6000",
+    "192.0.2.0/24 . udp . 53",
+  ]);
+});
+
+test("a name allowed by two services feeds both services' sets", () => {
+  const r = compile(
+    policy()
+      .service("svc-a", 2001)
+      .allow("api.example.test:443")
+      .service("svc-b", 2002)
+      .allow("api.example.test:8443")
+      .resolve("api.example.test", "203.0.113.5")
+      .build(),
+  );
+  assert.equal(elems(r, "s_svc_a_dns4"), ["203.0.113.5 . tcp . 443"]);
+  assert.equal(elems(r, "s_svc_b_dns4"), ["203.0.113.5 . tcp . 8443"]);
+});
+
+test("the base chain holds three rules whether there is one service or a thousand", () => {
+  for (const n of [0, 1, 1000]) {
+    const b = policy();
+    for (let i = 0; i < n; i++)
+      b.service(`svc-${i}`, 10_000 + i).allow(`198.51.100.${i % 250}:443`);
+    const r = compile(b.build());
+    assert.is(chain(r, "output")?.rules.length, 3, `${n} services`);
+    assert.is(set(r, "uid_dispatch")?.elem.length, n);
+  }
+});
+
+test("two services with the same uid are refused, naming both", () => {
+  try {
+    compile(policy().service("svc-a", 2001).service("svc-b", 2001).build());
+    assert.unreachable("compiled");
+  } catch (err) {
+    assert.instance(err, EgressError);
+    assert.match(
+      (err as EgressError).problems[0]?.text ?? "",
+      "uid 2001 is already used by service svc-a",
+    );
+  }
+});
+
+test("the full-replace batch passes the schema and touches only egressd's table", () => {
+  const r = compile(
+    policy()
+      .service("svc-web", 2001)
+      .allow("api.example.test:443")
+      .resolve("api.example.test", "192.0.2.1")
+      .build(),
+  );
+  const batch = replaceBatch(r);
+  validateBatch(batch);
+  const first = batch.nftables.slice(0, 3).map((c) => Object.keys(c)[0]);
+  assert.equal(first, ["add", "delete", "add"]);
+  for (const cmd of batch.nftables) {
+    const obj = Object.values(Object.values(cmd)[0] ?? {})[0] as {
+      table?: string;
+      name?: string;
+      family?: string;
+    };
+    assert.is(obj.family, "inet");
+    assert.ok(obj.table === "egressd" || obj.name === "egressd", JSON.stringify(cmd));
+  }
+  assert.not.ok(JSON.stringify(batch).includes('"flush"'), "never flushes");
+});
+
+test("output is deterministic whatever order services and answers come in", () => {
+  const a = compile(
+    policy()
+      .service("svc-b", 2002)
+      .allow("x.example.test:80")
+      .service("svc-a", 2001)
+      .resolve("x.example.test", "192.0.2.2", "192.0.2.1")
+      .build(),
+  );
+  const b = compile(
+    policy()
+      .service("svc-a", 2001)
+      .service("svc-b", 2002)
+      .allow("x.example.test:80")
+      .resolve("x.example.test", "192.0.2.1", "192.0.2.2")
+      .build(),
+  );
+  assert.equal(replaceBatch(a), replaceBatch(b));
+});
+
+test.run();

@@ -1,0 +1,153 @@
+import { suite } from "uvu";
+import * as assert from "uvu/assert";
+import { EgressError } from "../../rules/errors.ts";
+import {
+  serviceToJSON,
+  validateConfig,
+  validateService,
+  DEFAULT_CONFIG,
+} from "../../rules/policy.ts";
+
+const test = suite("policy validation");
+
+function problemsOf(fn: () => unknown): { where: string; text: string }[] {
+  try {
+    fn();
+  } catch (err) {
+    assert.instance(err, EgressError);
+    assert.is((err as EgressError).exitCode, 2);
+    return [...(err as EgressError).problems];
+  }
+  throw new Error("expected a validation error");
+}
+
+const FILE = "/etc/egressd/services.d/svc-web.json";
+
+test("the SPEC's example policy is valid and keeps its meaning", () => {
+  const p = validateService(
+    {
+      name: "svc-web",
+      user: "svc-web",
+      mode: "enforce",
+      dns: "system",
+      outbound: [
+        { host: "api.example.com", ports: "443", protocol: "tcp" },
+        { host: "10.0.0.0/8", ports: "5432", protocol: "tcp" },
+      ],
+      inbound: [{ ports: "8080", protocol: "tcp", from: ["192.0.2.0/24"] }],
+    },
+    FILE,
+    "svc-web",
+  );
+  assert.is(p.outbound.length, 2);
+  assert.equal(p.inbound[0]?.from, ["192.0.2.0/24"]);
+  // Written back, it reads the same.
+  assert.equal(validateService(JSON.parse(serviceToJSON(p)), FILE, "svc-web"), p);
+});
+
+test("defaults fill in mode, dns and protocol; integer ports are accepted", () => {
+  const p = validateService(
+    { name: "svc-web", user: 2001, outbound: [{ host: "a.example", ports: 443 }] },
+    FILE,
+  );
+  assert.is(p.mode, "enforce");
+  assert.is(p.dns, "system");
+  assert.equal(p.outbound, [{ host: "a.example", ports: "443", protocol: "tcp" }]);
+});
+
+test("every problem is reported at once, each with the file and a JSON path", () => {
+  const problems = problemsOf(() =>
+    validateService(
+      {
+        name: "svc-web",
+        user: "svc-web",
+        mdoe: "audit",
+        dns: "maybe",
+        outbound: [
+          { host: "api.example.com", ports: "443", protocl: "tcp" },
+          { host: "x.example", ports: "99999" },
+        ],
+      },
+      FILE,
+    ),
+  );
+  const text = problems.map((p) => `${p.where}: ${p.text}`).join("\n");
+  assert.match(text, `${FILE}: $.mdoe: unknown key "mdoe"`);
+  assert.match(text, `${FILE}: $.dns: must be one of "system", "none"`);
+  assert.match(text, `${FILE}: $.outbound[0].protocl: unknown key "protocl"`);
+  assert.match(text, `${FILE}: $.outbound[1].ports`);
+  assert.ok(problems.length >= 4, text);
+});
+
+test("semantic problems name the path too: bad host, bad CIDR, bad port, wrong file name", () => {
+  const problems = problemsOf(() =>
+    validateService(
+      {
+        name: "svc-api",
+        user: "svc-web",
+        outbound: [
+          { host: "10.0.0.1/8", ports: "443" },
+          { host: "ok.example", ports: "0" },
+        ],
+        inbound: [{ ports: "8080", from: ["192.0.2.0/33"] }],
+      },
+      FILE,
+      "svc-web",
+    ),
+  );
+  const text = problems.map((p) => `${p.where}: ${p.text}`).join("\n");
+  assert.match(text, "$.name");
+  assert.match(text, '$.outbound[0].host: invalid address "10.0.0.1/8"');
+  assert.match(text, '$.outbound[1].ports: invalid port "0"');
+  assert.match(text, "$.inbound[0].from[0]");
+});
+
+test("the daemon config takes SPEC §3's example and fills defaults for what is missing", () => {
+  const c = validateConfig(
+    {
+      table: "egressd",
+      resolvers: ["127.0.0.53:53"],
+      refresh: {
+        minTtlSeconds: 30,
+        maxTtlSeconds: 3600,
+        graceSeconds: 300,
+        maxAddressesPerName: 64,
+        allowPrivateAddresses: true,
+      },
+      audit: { schedule: "*/5 * * * *", repair: true },
+      log: { level: "info" },
+    },
+    "/etc/egressd/egressd.json",
+  );
+  assert.equal(c.refresh, DEFAULT_CONFIG.refresh);
+  assert.equal(validateConfig({}, "x").audit, DEFAULT_CONFIG.audit);
+  assert.is(
+    validateConfig({ audit: { schedule: "*/2 * * * * *" } }, "x").audit.schedule,
+    "*/2 * * * * *",
+  );
+});
+
+test("a bad daemon config is rejected with every problem located", () => {
+  const problems = problemsOf(() =>
+    validateConfig(
+      {
+        tabel: "x",
+        table: "bad-name",
+        resolvers: ["not-an-ip", "[2001:db8::53]:53", "127.0.0.1:99999"],
+        refresh: { minTtlSeconds: 100, maxTtlSeconds: 10 },
+        audit: { schedule: "every five minutes" },
+      },
+      "/etc/egressd/egressd.json",
+    ),
+  );
+  const text = problems.map((p) => `${p.where}: ${p.text}`).join("\n");
+  assert.match(text, '$.tabel: unknown key "tabel"');
+  assert.match(text, "$.table");
+  assert.match(text, '$.resolvers[0]: resolver "not-an-ip"');
+  assert.match(text, "$.resolvers[2]");
+  assert.match(text, "$.refresh.minTtlSeconds");
+  assert.match(text, '$.audit.schedule: "every five minutes" is not a cron expression');
+  assert.not.match(text, "$.resolvers[1]");
+});
+
+test.run();
