@@ -8,7 +8,8 @@ import { EgressError } from "../rules/errors.ts";
 import { PolicyStore } from "../rules/policy-store.fs.ts";
 import { applyRuleset, plan } from "./apply.ts";
 import { execNft } from "./nft.exec.ts";
-import { paths, VERSION, type GlobalOptions } from "./paths.ts";
+import { paths, VERSION, withPathOptions, type GlobalOptions } from "./paths.ts";
+
 import { systemUsers } from "./users.sys.ts";
 
 async function once(g: GlobalOptions): Promise<number> {
@@ -51,16 +52,8 @@ async function main(argv: string[]): Promise<number> {
   const prog = new Command("egressd")
     .description("egressd: per-service outbound firewall agent (nftables, keyed on socket owner)")
     .version(VERSION, "--version", "print the version")
-    .option("--once", "apply the policy once and exit")
-    .option("--config-dir <dir>", "config directory (env EGRESSD_CONFIG_DIR, default /etc/egressd)")
-    .option(
-      "--state-dir <dir>",
-      "state directory (env EGRESSD_STATE_DIR, default /var/lib/egressd)",
-    )
-    .option(
-      "--socket <path>",
-      "control socket (env EGRESSD_SOCKET, default /run/egressd/egressd.sock)",
-    )
+    .option("--once", "apply the policy once and exit");
+  withPathOptions(prog)
     .exitOverride()
     .configureOutput({
       outputError: (text, write) => write(`egressd: ${text.replace(/^error: /, "")}`),

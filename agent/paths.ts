@@ -19,3 +19,19 @@ export function paths(g: GlobalOptions, env: NodeJS.ProcessEnv = process.env) {
     socket: g.socket ?? env.EGRESSD_SOCKET ?? "/run/egressd/egressd.sock",
   };
 }
+
+/** The path flags egressctl and egressd share (SPEC §3). */
+export function withPathOptions<T extends { option(flags: string, description: string): T }>(
+  cmd: T,
+): T {
+  return cmd
+    .option("--config-dir <dir>", "config directory (env EGRESSD_CONFIG_DIR, default /etc/egressd)")
+    .option(
+      "--state-dir <dir>",
+      "state directory (env EGRESSD_STATE_DIR, default /var/lib/egressd)",
+    )
+    .option(
+      "--socket <path>",
+      "control socket (env EGRESSD_SOCKET, default /run/egressd/egressd.sock)",
+    );
+}

@@ -4,7 +4,8 @@ import { execNft } from "../agent/nft.exec.ts";
 import { systemUsers } from "../agent/users.sys.ts";
 import { EgressError, type ExitCode } from "../rules/errors.ts";
 import { PolicyStore } from "../rules/policy-store.fs.ts";
-import { paths, VERSION, type GlobalOptions } from "../agent/paths.ts";
+import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/paths.ts";
+
 import * as cmd from "./commands.ts";
 import type { Ctx, Result } from "./commands.ts";
 
@@ -42,16 +43,8 @@ export function program(
     )
     .version(VERSION, "--version", "print the version")
     .helpOption("-h, --help", "show help")
-    .option("--json", "machine-readable output on stdout")
-    .option("--config-dir <dir>", "config directory (env EGRESSD_CONFIG_DIR, default /etc/egressd)")
-    .option(
-      "--state-dir <dir>",
-      "state directory (env EGRESSD_STATE_DIR, default /var/lib/egressd)",
-    )
-    .option(
-      "--socket <path>",
-      "control socket (env EGRESSD_SOCKET, default /run/egressd/egressd.sock)",
-    )
+    .option("--json", "machine-readable output on stdout");
+  withPathOptions(prog)
     .option("-q, --quiet", "print only errors")
     .option("-v, --verbose", "print more detail")
     .showHelpAfterError("(run with --help for usage)")
