@@ -1,19 +1,37 @@
 /**
- * egressd's entry point. This version implements `--once`: apply the policy and exit.
- * The long-running daemon (refresh, control socket, audit schedule) builds on it.
+ * egressd's entry point. `--once` applies the policy and exits; without it egressd runs as
+ * the daemon: enforce from saved state, keep names resolved, serve the control socket.
  */
+import type { Server } from "node:net";
 import { Command, CommanderError } from "commander";
-import { pino } from "pino";
+import cron from "node-cron";
+import { pino, type Logger } from "pino";
 import { EgressError } from "../rules/errors.ts";
 import { PolicyStore } from "../rules/policy-store.fs.ts";
 import { applyRuleset, plan } from "./apply.ts";
+import { serveControl, type Request } from "./control.sock.ts";
+import { Daemon } from "./daemon.ts";
+import { dnsResolver } from "./dns.resolver.ts";
 import { execNft } from "./nft.exec.ts";
 import { paths, VERSION, withPathOptions, type GlobalOptions } from "./paths.ts";
-
+import { StateStore } from "./state.fs.ts";
 import { systemUsers } from "./users.sys.ts";
 
+function logger(): Logger {
+  return pino({ base: { svc: "egressd" }, level: process.env.EGRESSD_LOG_LEVEL ?? "info" });
+}
+
+function errorCode(err: unknown, log: Logger): number {
+  if (err instanceof EgressError) {
+    log.error({ err: err.toJSON() }, err.message);
+    return err.exitCode;
+  }
+  log.fatal({ err }, "internal error");
+  return 4;
+}
+
 async function once(g: GlobalOptions): Promise<number> {
-  const log = pino({ base: { svc: "egressd" }, level: process.env.EGRESSD_LOG_LEVEL ?? "info" });
+  const log = logger();
   const store = new PolicyStore(paths(g).configDir);
   try {
     const nft = execNft();
@@ -38,13 +56,72 @@ async function once(g: GlobalOptions): Promise<number> {
     );
     return 0;
   } catch (err) {
-    if (err instanceof EgressError) {
-      log.error({ err: err.toJSON() }, err.message);
-      return err.exitCode;
-    }
-    log.fatal({ err }, "internal error");
-    return 4;
+    return errorCode(err, log);
   }
+}
+
+/** Runs until SIGTERM/SIGINT. Resolves with the exit code. */
+async function daemon(g: GlobalOptions): Promise<number> {
+  const log = logger();
+  const p = paths(g);
+  const d = new Daemon({
+    store: new PolicyStore(p.configDir),
+    state: new StateStore(p.stateDir),
+    nft: execNft(),
+    users: systemUsers(),
+    resolver: (servers) => dnsResolver(servers),
+    clock: Date.now,
+    log,
+  });
+  const housekeeping = cron.schedule("* * * * *", () => d.housekeep(), {
+    name: "housekeeping",
+    noOverlap: true,
+  });
+  let server: Server | null = null;
+
+  const handler = async (req: Request): Promise<unknown> => {
+    switch (req.op) {
+      case "ping":
+        return { pid: process.pid, version: VERSION };
+      case "apply":
+        return req.dryRun ? d.plan() : d.reload();
+      case "status":
+        return d.status(req.service);
+      case "refresh":
+        return d.refresh(req.service);
+      default:
+        throw new EgressError("ERR_EGRESS_BAD_REQUEST", `unknown control operation "${req.op}"`, {
+          exitCode: 2,
+        });
+    }
+  };
+  try {
+    log.info(
+      { version: VERSION, configDir: p.configDir, stateDir: p.stateDir, socket: p.socket },
+      "egressd starting",
+    );
+    await d.start();
+    server = await serveControl(p.socket, handler, log);
+    log.info({ socket: p.socket }, "control socket ready");
+  } catch (err) {
+    await housekeeping.stop();
+    await d.stop();
+    return errorCode(err, log);
+  }
+  return new Promise<number>((resolve) => {
+    const stop = (signal: string) => {
+      log.info({ signal }, "stopping; the kernel keeps enforcing the current ruleset");
+      void housekeeping.stop();
+      server?.close();
+      void d.stop().then(() => resolve(0));
+    };
+    process.once("SIGTERM", () => stop("SIGTERM"));
+    process.once("SIGINT", () => stop("SIGINT"));
+    process.on("SIGHUP", () => {
+      log.info("SIGHUP: reloading config and policy");
+      d.reload().catch(() => undefined); // load errors are logged by the daemon
+    });
+  });
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -60,18 +137,14 @@ async function main(argv: string[]): Promise<number> {
     })
     .action(async function (this: Command) {
       const g = this.opts<GlobalOptions & { once?: boolean }>();
-      if (!g.once) {
-        process.stderr.write("egressd: only --once is available in this version\n");
-        code = 2;
-        return;
-      }
-      code = await once(g);
+      code = g.once ? await once(g) : await daemon(g);
     });
   try {
     await prog.parseAsync(argv, { from: "user" });
   } catch (err) {
-    if (err instanceof CommanderError)
+    if (err instanceof CommanderError) {
       return err.code === "commander.version" || err.code === "commander.helpDisplayed" ? 0 : 2;
+    }
     throw err;
   }
   return code;

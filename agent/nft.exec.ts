@@ -14,6 +14,8 @@ export interface Nft {
   check(batch: Batch): Promise<void>;
   /** `nft -j list table inet <table>`, or null when the table does not exist. */
   listTable(table: string): Promise<unknown | null>;
+  /** Named counters of the table (packets, bytes); empty when the table does not exist. */
+  listCounters(table: string): Promise<Map<string, { packets: number; bytes: number }>>;
 }
 
 /** `nft`, or the program named by EGRESSD_NFT (tests point it at a wrapper that counts calls). */
@@ -71,6 +73,9 @@ async function runBatch(bin: string, batch: Batch, check: boolean): Promise<void
   }
 }
 
+const noSuchTable = (err: unknown) =>
+  err instanceof EgressError && /No such file or directory/.test(String(err.details?.stderr));
+
 /** The real `nft`, run through execa. */
 export function execNft(bin: string = nftBinary()): Nft {
   return {
@@ -80,13 +85,29 @@ export function execNft(bin: string = nftBinary()): Nft {
       try {
         return JSON.parse(await run(bin, ["-j", "list", "table", "inet", table])) as unknown;
       } catch (err) {
-        if (
-          err instanceof EgressError &&
-          /No such file or directory/.test(String(err.details?.stderr))
-        )
-          return null;
+        if (noSuchTable(err)) return null;
         throw err;
       }
+    },
+    async listCounters(table) {
+      const out = new Map<string, { packets: number; bytes: number }>();
+      type Listing = {
+        nftables?: { counter?: { name: string; packets: number; bytes: number } }[];
+      };
+      let listing: Listing;
+      try {
+        listing = JSON.parse(
+          await run(bin, ["-j", "list", "counters", "table", "inet", table]),
+        ) as Listing;
+      } catch (err) {
+        if (noSuchTable(err)) return out;
+        throw err;
+      }
+      for (const o of listing.nftables ?? []) {
+        if (o.counter)
+          out.set(o.counter.name, { packets: o.counter.packets, bytes: o.counter.bytes });
+      }
+      return out;
     },
   };
 }

@@ -8,6 +8,8 @@ import {
   type Plan,
 } from "../agent/apply.ts";
 import { checkDistinctOwners } from "../rules/compile.ts";
+import type { Call } from "../agent/control.sock.ts";
+import type { ApplySummary } from "../agent/daemon.ts";
 import type { Finding } from "../rules/diff.ts";
 import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";
 import { SERVICE_NAME, type Mode, type ServicePolicy } from "../rules/policy.ts";
@@ -25,7 +27,8 @@ export interface Result {
 
 export interface Ctx extends Deps {
   /** Asks a running egressd to apply; null when none is running. */
-  daemon?: { applyNow(): Promise<void> } | null;
+  /** The running egressd's control socket, or null when none runs. */
+  daemon: () => Promise<Call | null>;
 }
 
 const SERVICE_NAME_HINT =
@@ -96,9 +99,22 @@ const sameRule = (a: OutboundRule, b: OutboundRule) =>
 
 /** After a saved change: have the daemon apply it, or say how it will take effect. */
 async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: string }> {
-  if (ctx.daemon) {
-    await ctx.daemon.applyNow();
-    return { applied: true, note: "applied by egressd" };
+  const call = await ctx.daemon();
+  if (call) {
+    try {
+      const r = (await call({ op: "apply" })) as ApplySummary;
+      return {
+        applied: true,
+        note: `applied by egressd (${r.kind === "none" ? "no kernel change needed" : r.kind === "delta" ? "set update" : "table replaced"})`,
+      };
+    } catch (err) {
+      if (!(err instanceof EgressError)) throw err;
+      throw new EgressError(err.code, `saved, but egressd did not apply it: ${err.message}`, {
+        exitCode: err.exitCode,
+        problems: err.problems,
+        hint: err.hint ?? "fix the problem, then run: egressctl apply",
+      });
+    }
   }
   return {
     applied: false,
@@ -322,16 +338,41 @@ function nameWarnings(p: Plan): string[] {
   return out;
 }
 
+function dryRunText(table: string, changes: readonly Finding[]): string {
+  return changes.length
+    ? `dry run: ${changes.length} change(s) would be made to table ${table}:\n${changeLines(changes).join("\n")}\n`
+    : `dry run: table ${table} is already as the policy says; nothing would change\n`;
+}
+
 export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Result> {
+  const call = await ctx.daemon();
+  if (call) {
+    // The daemon owns the kernel table and the DNS state while it runs: ask it.
+    if (opts.dryRun) {
+      const r = (await call({ op: "apply", dryRun: true })) as {
+        changes: Finding[];
+        table: string;
+      };
+      return {
+        exitCode: 0,
+        text: dryRunText(r.table, r.changes),
+        data: { dryRun: true, daemon: true, ...r },
+      };
+    }
+    const r = (await call({ op: "apply" })) as ApplySummary;
+    return {
+      exitCode: 0,
+      text: `applied by egressd: ${r.kind === "none" ? "the kernel already matched the policy" : r.kind === "delta" ? `${r.changes} set element(s) changed` : "table replaced"}\n`,
+      data: { dryRun: false, daemon: true, ...r },
+    };
+  }
   const p = await plan(ctx);
   const summary = { table: `inet ${p.ruleset.table}`, services: p.services, names: p.names };
   if (opts.dryRun) {
     const changes = await pendingChanges(ctx.nft, p.ruleset);
     return {
       exitCode: 0,
-      text: changes.length
-        ? `dry run: ${changes.length} change(s) would be made to table inet ${p.ruleset.table}:\n${changeLines(changes).join("\n")}\n`
-        : `dry run: table inet ${p.ruleset.table} is already as the policy says; nothing would change\n`,
+      text: dryRunText(summary.table, changes),
       data: { dryRun: true, ...summary, changes },
       warnings: nameWarnings(p),
     };
@@ -343,5 +384,101 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
     text: `applied table inet ${p.ruleset.table}: ${p.services.length} service(s), ${p.names.length} name(s)${failed ? ` (${failed} unresolved)` : ""}\n`,
     data: { dryRun: false, ...summary },
     warnings: nameWarnings(p),
+  };
+}
+
+async function requireDaemon(ctx: Ctx, what: string): Promise<Call> {
+  const call = await ctx.daemon();
+  if (!call) {
+    throw new EgressError(
+      "ERR_EGRESS_NOT_RUNNING",
+      `egressd is not running, so there is no live ${what} to show`,
+      {
+        exitCode: 3,
+        hint: "start it (systemctl start egressd); egressctl list shows the policy as written",
+      },
+    );
+  }
+  return call;
+}
+
+const time = (ms: number | null | undefined) =>
+  ms ? new Date(ms).toISOString().replace(/\.\d+Z$/, "Z") : "never";
+
+interface StatusData {
+  daemon: {
+    pid: number;
+    table: string | null;
+    lastApply: ApplySummary | null;
+    lastError: { code: string; message: string; at: number } | null;
+    policyError: { message: string; problems?: { where: string; text: string }[] } | null;
+  };
+  services: {
+    name: string;
+    uid: number;
+    gid?: number;
+    mode: string;
+    refused: { packets: number; bytes: number } | null;
+    inbound: { ports: string; protocol: string; from?: string[] }[];
+    names: {
+      name: string;
+      addresses: { address: string; current: boolean; expires: number | null }[];
+      lastRefresh: number | null;
+      nextRefresh: number | null;
+      lastError: { code: string; message: string } | null;
+    }[];
+  }[];
+}
+
+function statusText(s: StatusData): string {
+  const d = s.daemon;
+  const lines = [
+    `egressd running (pid ${d.pid}), table ${d.table ?? "-"}, last apply ${time(d.lastApply?.at)}${d.lastApply ? ` (${d.lastApply.kind})` : ""}`,
+  ];
+  if (d.lastError)
+    lines.push(
+      `  last error: ${d.lastError.message} (${d.lastError.code}, ${time(d.lastError.at)})`,
+    );
+  if (d.policyError) {
+    lines.push(`  policy on disk NOT applied: ${d.policyError.message}`);
+    for (const p of d.policyError.problems ?? []) lines.push(`    ${p.where}: ${p.text}`);
+  }
+  for (const svc of s.services) {
+    lines.push(
+      "",
+      `${svc.name}  uid ${svc.uid}${svc.gid !== undefined ? `  gid ${svc.gid}` : ""}  ${svc.mode}  ${svc.mode === "audit" ? "would have refused" : "refused"} ${svc.refused?.packets ?? 0} packets`,
+    );
+    for (const r of svc.inbound)
+      lines.push(`  in  ${r.ports}/${r.protocol} from ${r.from?.join(", ") || "anywhere"}`);
+    for (const n of svc.names) {
+      const addrs = n.addresses.map((a) =>
+        a.current ? a.address : `${a.address} (until ${time(a.expires)})`,
+      );
+      lines.push(`  ${n.name}: ${addrs.join(", ") || "(no addresses)"}`);
+      lines.push(
+        `    refreshed ${time(n.lastRefresh)}, next ${time(n.nextRefresh)}${n.lastError ? `, last error ${n.lastError.code}: ${n.lastError.message}` : ""}`,
+      );
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
+export async function status(ctx: Ctx, service?: string): Promise<Result> {
+  if (service) checkServiceName(service);
+  const call = await requireDaemon(ctx, "status");
+  const data = (await call({ op: "status", ...(service ? { service } : {}) })) as StatusData;
+  return { exitCode: 0, text: statusText(data), data };
+}
+
+export async function refresh(ctx: Ctx, service?: string): Promise<Result> {
+  if (service) checkServiceName(service);
+  const call = await requireDaemon(ctx, "DNS state");
+  const r = (await call({ op: "refresh", ...(service ? { service } : {}) })) as ApplySummary & {
+    names: string[];
+  };
+  return {
+    exitCode: 0,
+    text: `re-resolved ${r.names.length} name(s); ${r.kind === "none" ? "no change" : r.kind === "delta" ? `${r.changes} set element(s) changed` : "table replaced"}\n`,
+    data: r,
   };
 }

@@ -1,5 +1,6 @@
 /** egressctl's entry point: parses argv, runs one command handler, prints, exits. The only place that prints. */
 import { Command, CommanderError, Option } from "commander";
+import { connectDaemon } from "../agent/control.sock.ts";
 import { execNft } from "../agent/nft.exec.ts";
 import { systemUsers } from "../agent/users.sys.ts";
 import { EgressError, type ExitCode } from "../rules/errors.ts";
@@ -28,7 +29,7 @@ function context(g: GlobalOptions): Ctx {
     store: new PolicyStore(p.configDir),
     nft: execNft(),
     users: systemUsers(),
-    daemon: null,
+    daemon: () => connectDaemon(p.socket),
   };
 }
 
@@ -121,6 +122,24 @@ export function program(
     .action(function (this: Command) {
       const o = this.opts<{ dryRun?: boolean }>();
       go(this, (ctx) => cmd.apply(ctx, o));
+    });
+
+  prog
+    .command("status")
+    .description(
+      "live state from egressd: resolved addresses and expiry, refreshes, refused packets",
+    )
+    .argument("[service]")
+    .action(function (this: Command, service?: string) {
+      go(this, (ctx) => cmd.status(ctx, service));
+    });
+
+  prog
+    .command("refresh")
+    .description("re-resolve names now (all, or one service's) and apply what changed")
+    .argument("[service]")
+    .action(function (this: Command, service?: string) {
+      go(this, (ctx) => cmd.refresh(ctx, service));
     });
 
   return prog;

@@ -11,7 +11,7 @@ const args = [
   process.argv[2] ?? "\\.test\\.ts$",
 ];
 // Plain output for parsing (kleur, uvu's colour library, honours FORCE_COLOR=0).
-const env = { ...process.env, FORCE_COLOR: "0", NODE_DISABLE_COLORS: "1" };
+const env = { ...process.env, FORCE_COLOR: "0" };
 
 delete env.NO_COLOR;
 

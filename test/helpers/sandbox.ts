@@ -72,6 +72,7 @@ let counter = 0;
 
 export class Sandbox {
   private peer: ChildProcess | null = null;
+  private readonly daemons: Daemon[] = [];
   readonly configDir: string;
   readonly stateDir: string;
   readonly recordsFile: string;
@@ -128,7 +129,11 @@ export class Sandbox {
     });
   }
 
-  /** Runs egressctl inside the namespace against this sandbox's config dir. */
+  get socket(): string {
+    return join(this.dir, "egressd.sock");
+  }
+
+  /** Runs egressctl inside the namespace against this sandbox's config dir and socket. */
   egressctl(...args: string[]) {
     return this.exec(process.execPath, [
       EGRESSCTL,
@@ -136,8 +141,35 @@ export class Sandbox {
       this.configDir,
       "--state-dir",
       this.stateDir,
+      "--socket",
+      this.socket,
       ...args,
     ]);
+  }
+
+  /** Starts egressd (the daemon) inside the namespace; resolves once its control socket is up. */
+  async startDaemon(env: Record<string, string> = {}): Promise<Daemon> {
+    const child = spawn(
+      "ip",
+      [
+        "netns",
+        "exec",
+        this.ns,
+        process.execPath,
+        EGRESSD,
+        "--config-dir",
+        this.configDir,
+        "--state-dir",
+        this.stateDir,
+        "--socket",
+        this.socket,
+      ],
+      { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } },
+    );
+    const d = new Daemon(child);
+    this.daemons.push(d);
+    await d.waitFor((l) => l.msg === "control socket ready", 30_000);
+    return d;
   }
 
   async nft(...args: string[]): Promise<string> {
@@ -239,6 +271,7 @@ export class Sandbox {
   }
 
   async destroy(): Promise<void> {
+    for (const d of this.daemons) await d.stop("SIGKILL");
     if (this.peer && this.peer.exitCode === null) {
       const exited = new Promise((r) => this.peer?.once("exit", r));
       this.peer.kill("SIGTERM");
@@ -246,6 +279,87 @@ export class Sandbox {
     }
     await execa("ip", ["netns", "delete", this.ns], { reject: false });
     rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+export interface LogLine {
+  level: number;
+  msg: string;
+  [key: string]: unknown;
+}
+
+/** A running egressd: its JSON log lines, and ways to wait for them or stop it. */
+export class Daemon {
+  readonly lines: LogLine[] = [];
+  stderr = "";
+  private waiters: { pred: (l: LogLine) => boolean; resolve: (l: LogLine) => void }[] = [];
+  readonly exited: Promise<number | null>;
+
+  constructor(readonly child: ChildProcess) {
+    let buf = "";
+    child.stdout?.setEncoding("utf8");
+    child.stdout?.on("data", (d: string) => {
+      buf += d;
+      let nl;
+      while ((nl = buf.indexOf("\n")) !== -1) {
+        const text = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        let line: LogLine;
+        try {
+          line = JSON.parse(text) as LogLine;
+        } catch {
+          line = { level: 0, msg: text };
+        }
+        this.lines.push(line);
+        this.waiters = this.waiters.filter((w) => (w.pred(line) ? (w.resolve(line), false) : true));
+      }
+    });
+    child.stderr?.setEncoding("utf8");
+    child.stderr?.on("data", (d: string) => (this.stderr += d));
+    this.exited = new Promise((r) => child.once("exit", (code) => r(code)));
+  }
+
+  /** The first log line (already seen or yet to come) that matches, or an error after `ms`. */
+  waitFor(pred: (l: LogLine) => boolean, ms = 20_000): Promise<LogLine> {
+    const seen = this.lines.find(pred);
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const dump = () => `${this.lines.map((l) => JSON.stringify(l)).join("\n")}\n${this.stderr}`;
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w.resolve !== done);
+        reject(new Error(`egressd log line not seen within ${ms} ms; log:\n${dump()}`));
+      }, ms);
+      const done = (l: LogLine) => {
+        clearTimeout(timer);
+        resolve(l);
+      };
+      this.waiters.push({ pred, resolve: done });
+      void this.exited.then((code) => {
+        if (this.waiters.some((w) => w.resolve === done)) {
+          clearTimeout(timer);
+          reject(new Error(`egressd exited (${code}) first; log:\n${dump()}`));
+        }
+      });
+    });
+  }
+
+  async stop(signal: NodeJS.Signals = "SIGTERM"): Promise<number | null> {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill(signal);
+    return Promise.race([this.exited, new Promise<null>((r) => setTimeout(() => r(null), 5000))]);
+  }
+}
+
+/** Polls `fn` until it returns true or `ms` pass (an upper bound against hangs, not a timing assertion). */
+export async function eventually(
+  fn: () => Promise<boolean>,
+  ms: number,
+  what: string,
+): Promise<void> {
+  const end = Date.now() + ms;
+  for (;;) {
+    if (await fn()) return;
+    if (Date.now() > end) throw new Error(`not within ${ms} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
   }
 }
 

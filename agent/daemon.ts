@@ -1,0 +1,510 @@
+/**
+ * The long-running agent: keeps the kernel's table equal to the policy plus the live DNS
+ * answers. Every change goes through one queue, so nft sees one transaction at a time:
+ * a policy change replaces the table; a DNS change sends only the set elements that
+ * changed; nothing changed, nothing sent.
+ */
+import { createHash } from "node:crypto";
+import type { Logger } from "pino";
+import { replaceBatch } from "../rules/batch.ts";
+import {
+  compile,
+  domainAllowances,
+  serviceObject,
+  type ResolverAddr,
+  type ServiceInput,
+} from "../rules/compile.ts";
+
+import { deltaCommands, elementDelta, type SetChange } from "../rules/delta.ts";
+import { diff, type Finding } from "../rules/diff.ts";
+import { parseLive } from "../rules/live.ts";
+import { EgressError } from "../rules/errors.ts";
+import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
+import type { PolicyStore } from "../rules/policy-store.fs.ts";
+import type { Ruleset } from "../rules/ruleset.ts";
+import { resolvePrincipals } from "./apply.ts";
+import { resolveAll, type Resolver } from "./dns.resolver.ts";
+import { NameTable } from "./names.ts";
+import type { Nft } from "./nft.exec.ts";
+import { configuredResolvers } from "./resolvers.fs.ts";
+import type { StateStore } from "./state.fs.ts";
+import type { Users } from "./users.sys.ts";
+
+export interface DaemonDeps {
+  store: PolicyStore;
+  state: StateStore;
+  nft: Nft;
+  users: Users;
+  resolver: (servers: readonly ResolverAddr[]) => Resolver;
+  clock: () => number;
+  log: Logger;
+  /** Called after the config is (re)loaded, e.g. to reschedule the audit. */
+  onConfig?: (config: DaemonConfig) => void;
+}
+
+interface Loaded {
+  config: DaemonConfig;
+  policies: ServicePolicy[];
+  services: ServiceInput[];
+  resolvers: ResolverAddr[];
+  resolver: Resolver;
+}
+
+export interface ApplySummary {
+  kind: "replace" | "delta" | "none";
+  /** Elements added and removed (delta), or objects in the table (replace). */
+  changes: number;
+  at: number;
+}
+
+const MAX_TIMER = 2 ** 31 - 1;
+const plural = (n: number, w: string) => `${n} ${w}${n === 1 ? "" : "s"}`;
+
+export class Daemon {
+  private loaded: Loaded | null = null;
+  private names: NameTable | null = null;
+  private applied: Ruleset | null = null;
+  private appliedNames = new Map<string, string[]>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private timer: NodeJS.Timeout | null = null;
+  private stopped = false;
+  readonly startedAt: number;
+  lastApply: ApplySummary | null = null;
+  lastError: { code: string; message: string; at: number } | null = null;
+  /** Why the policy on disk is not the one enforced (null when it is). */
+  loadError: EgressError | null = null;
+  private digest: string | null = null;
+
+  constructor(private readonly deps: DaemonDeps) {
+    this.startedAt = deps.clock();
+  }
+
+  get config(): DaemonConfig | null {
+    return this.loaded?.config ?? null;
+  }
+
+  /** The table as last applied (for the audit). */
+  get desired(): Ruleset | null {
+    return this.applied;
+  }
+
+  /** Runs `fn` after everything queued before it. */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  /**
+   * Start-up: enforce from the last-known resolutions before any DNS query, then resolve
+   * what is due and apply the difference.
+   */
+  async start(): Promise<void> {
+    const { log, clock } = this.deps;
+    const saved = await this.deps.state.load();
+    if (saved.problem)
+      log.warn(
+        { code: "ERR_EGRESS_STATE", problem: saved.problem },
+        "ignoring unreadable state; starting without last-known addresses",
+      );
+    await this.serial(async () => {
+      if (!(await this.load())) {
+        log.error("not applying: the policy does not load; the kernel keeps its current ruleset");
+        return;
+      }
+      const config = this.loaded?.config as DaemonConfig;
+      this.names = NameTable.fromJSON(saved.state?.names, config.refresh);
+      this.names.track(this.policyNames(), clock());
+      await this.commit();
+      log.info(
+        {
+          table: `inet ${config.table}`,
+          services: this.loaded?.services.length,
+          names: this.names.list().length,
+          fromState: Boolean(saved.state),
+        },
+        saved.state
+          ? "applied from saved state, before any DNS query"
+          : "applied (no saved state yet)",
+      );
+    });
+    await this.serial(() => this.refreshNames(null));
+    this.schedule();
+  }
+
+  /** Names every service allows, each once. */
+  private policyNames(): string[] {
+    const set = new Set<string>();
+    for (const p of this.loaded?.policies ?? [])
+      for (const d of domainAllowances(p)) set.add(d.name);
+    return [...set].sort();
+  }
+
+  /** Reads config, policies and users from disk and checks they compile; changes nothing. */
+  private async read(): Promise<Loaded> {
+    const { store, users } = this.deps;
+    const config = await store.loadConfig();
+    const policies = await store.loadServices();
+    const services = await resolvePrincipals(policies, users, (n) => store.serviceFile(n));
+    const resolvers = await configuredResolvers(config);
+    // Compile once now so a policy that cannot compile (two services, one uid) is refused here.
+    compile({ table: config.table, resolvers, services, resolutions: new Map() });
+    return { config, policies, services, resolvers, resolver: this.deps.resolver(resolvers) };
+  }
+
+  /** Loads config, policies and users. On failure keeps what was loaded before and records why. */
+  private async load(): Promise<boolean> {
+    const { log } = this.deps;
+    try {
+      const loaded = await this.read();
+      this.loaded = loaded;
+      log.level = loaded.config.log.level;
+      this.names?.configure(loaded.config.refresh);
+      this.loadError = null;
+      this.deps.onConfig?.(loaded.config);
+      return true;
+    } catch (err) {
+      const e =
+        err instanceof EgressError
+          ? err
+          : new EgressError("ERR_EGRESS_INTERNAL", String((err as Error).message), { exitCode: 4 });
+      this.loadError = e;
+      this.lastError = { code: e.code, message: e.message, at: this.deps.clock() };
+      log.error(
+        {
+          err: e.toJSON(),
+          enforcing: this.loaded ? "the last good policy" : "whatever the kernel has",
+        },
+        `policy not loaded: ${e.message}; still enforcing the last good policy`,
+      );
+      return false;
+    }
+  }
+
+  /** What `reload` would change in the kernel, using the addresses known now (new names count as unresolved). */
+  plan(): Promise<{ changes: Finding[]; table: string }> {
+    return this.serial(async () => {
+      const l = await this.read();
+      const desired = compile({
+        table: l.config.table,
+        resolvers: l.resolvers,
+        services: l.services,
+        resolutions: this.names?.snapshot(this.deps.clock()) ?? new Map(),
+      });
+      const live = parseLive(await this.deps.nft.listTable(l.config.table), l.config.table);
+      return { changes: diff(live, desired), table: `inet ${l.config.table}` };
+    });
+  }
+
+  /** The table for the current policy and current answers. */
+  private build(now: number): Ruleset {
+    const l = this.loaded as Loaded;
+    return compile({
+      table: l.config.table,
+      resolvers: l.resolvers,
+      services: l.services,
+      resolutions: (this.names as NameTable).snapshot(now),
+    });
+  }
+
+  /**
+   * Brings the kernel to the current desired table: a whole-table replace when the structure
+   * changed (or nothing was applied yet), else one transaction with only the element changes,
+   * else nothing at all.
+   */
+  private async commit(): Promise<ApplySummary> {
+    const { log, clock } = this.deps;
+    const now = clock();
+    const next = this.build(now);
+    const delta = this.applied ? elementDelta(this.applied, next) : null;
+    let summary: ApplySummary = { kind: "none", changes: 0, at: now };
+    if (!delta || delta.length) {
+      summary =
+        (delta && (await this.applyDelta(next, delta, now))) || (await this.replace(next, now));
+      this.lastError = null;
+      this.digest = createHash("sha256")
+        .update(JSON.stringify(replaceBatch(next)))
+        .digest("hex");
+      log.info(
+        { kind: summary.kind, changes: summary.changes },
+        summary.kind === "replace" ? "table replaced" : "sets updated",
+      );
+    }
+    this.applied = next;
+    this.lastApply = summary;
+    this.logNameChanges(now);
+    await this.saveState();
+    return summary;
+  }
+
+  /** Element changes only, in one transaction; null when nft refuses them (the live table is not what we applied). */
+  private async applyDelta(
+    next: Ruleset,
+    delta: SetChange[],
+    now: number,
+  ): Promise<ApplySummary | null> {
+    try {
+      await this.deps.nft.apply({ nftables: deltaCommands(next, delta) });
+      return {
+        kind: "delta",
+        changes: delta.reduce((n, c) => n + c.added.length + c.removed.length, 0),
+        at: now,
+      };
+    } catch (err) {
+      this.deps.log.warn(
+        { err: err instanceof EgressError ? err.toJSON() : String(err) },
+        "element update refused; replacing the table",
+      );
+      return null;
+    }
+  }
+
+  private async replace(next: Ruleset, now: number): Promise<ApplySummary> {
+    try {
+      await this.deps.nft.apply(replaceBatch(next));
+    } catch (err) {
+      const e =
+        err instanceof EgressError
+          ? err
+          : new EgressError("ERR_EGRESS_INTERNAL", String(err), { exitCode: 4 });
+      this.lastError = { code: e.code, message: e.message, at: now };
+      this.deps.log.error({ err: e.toJSON() }, "apply failed; the previous ruleset stays in force");
+      throw e;
+    }
+    return { kind: "replace", changes: next.sets.length + next.chains.length, at: now };
+  }
+
+  /** One log line per name whose allowed addresses changed, naming its services. */
+  private logNameChanges(now: number): void {
+    const snapshot = (this.names as NameTable).snapshot(now);
+    for (const [name, after] of snapshot) {
+      const before = this.appliedNames.get(name) ?? [];
+      const added = after.filter((a) => !before.includes(a));
+      const removed = before.filter((a) => !after.includes(a));
+      if (added.length || removed.length) {
+        this.deps.log.info(
+          { services: this.servicesOf(name), name, added, removed },
+          `${name}: +${added.length} -${removed.length} addresses`,
+        );
+      }
+    }
+    this.appliedNames = snapshot;
+  }
+
+  private servicesOf(name: string): string[] {
+    return (this.loaded?.policies ?? [])
+      .filter((p) => domainAllowances(p).some((d) => d.name === name))
+      .map((p) => p.name);
+  }
+
+  private async saveState(): Promise<void> {
+    try {
+      await this.deps.state.save({
+        version: 1,
+        savedAt: this.deps.clock(),
+        names: this.names?.toJSON() ?? {},
+        ...(this.digest
+          ? { applied: { digest: this.digest, at: this.lastApply?.at ?? this.deps.clock() } }
+          : {}),
+      });
+    } catch (err) {
+      this.deps.log.warn(
+        { code: "ERR_EGRESS_STATE", error: (err as Error).message },
+        "could not save state",
+      );
+    }
+  }
+
+  /** Resolves `names` (null: those due) and records the answers. */
+  private async resolve(names: readonly string[]): Promise<void> {
+    const { clock, log } = this.deps;
+    const table = this.names as NameTable;
+    const results = await resolveAll((this.loaded as Loaded).resolver, names);
+    const now = clock();
+    for (const [name, r] of results) {
+      if (!table.has(name)) continue; // revoked while we were asking
+      table.observe(name, r, now);
+      const st = table.get(name);
+      if (!r.ok) {
+        log.warn(
+          {
+            code: "ERR_EGRESS_DNS",
+            name,
+            services: this.servicesOf(name),
+            dns: r.code,
+            error: r.message,
+            keeping: r.code === "NXDOMAIN" ? [] : st?.current,
+            retryAt: st?.nextRefresh,
+          },
+          r.code === "NXDOMAIN"
+            ? `${name}: NXDOMAIN; its addresses go after the grace period`
+            : `${name}: ${r.code}; keeping the last-known addresses`,
+        );
+      } else if (st?.dropped.length) {
+        log.warn(
+          { name, dropped: st.dropped },
+          `${name}: not allowing ${plural(st.dropped.length, "address")}`,
+        );
+      }
+    }
+  }
+
+  private async refreshNames(only: readonly string[] | null): Promise<ApplySummary | null> {
+    if (!this.loaded || !this.names) return null;
+    const due = only ?? this.names.dueForRefresh(this.deps.clock());
+    if (due.length) await this.resolve(due);
+    return this.commit();
+  }
+
+  /** Re-reads config and policy and applies them; new names are resolved first. Throws when the policy does not load. */
+  reload(): Promise<ApplySummary> {
+    return this.serial(async () => {
+      if (!(await this.load())) throw this.loadError;
+      const l = this.loaded as Loaded;
+      if (!this.names) this.names = new NameTable(l.config.refresh);
+      const { added } = this.names.track(this.policyNames(), this.deps.clock());
+      if (added.length) await this.resolve(added);
+      const summary = await this.commit();
+      this.deps.log.info(
+        { services: l.services.length, names: this.names.list().length, kind: summary.kind },
+        "policy applied",
+      );
+      this.schedule();
+      return summary;
+    });
+  }
+
+  /** Re-resolves now: every name, or those of one service. */
+  refresh(service?: string): Promise<ApplySummary & { names: string[] }> {
+    return this.serial(async () => {
+      if (!this.loaded || !this.names)
+        throw (
+          this.loadError ??
+          new EgressError("ERR_EGRESS_NOT_READY", "egressd has not loaded a policy yet", {
+            exitCode: 3,
+          })
+        );
+      let names = this.names.list();
+      if (service) {
+        const p = this.loaded.policies.find((x) => x.name === service);
+        if (!p)
+          throw new EgressError(
+            "ERR_EGRESS_UNKNOWN_SERVICE",
+            `service "${service}" is not registered`,
+            { hint: "egressctl list shows the registered services" },
+          );
+        names = [...new Set(domainAllowances(p).map((d) => d.name))].sort();
+      }
+      if (names.length) await this.resolve(names);
+      const summary = await this.commit();
+      this.schedule();
+      return { ...summary, names };
+    });
+  }
+
+  /**
+   * Periodic reconciliation (node-cron, every minute): applies whatever fell due, re-arms the
+   * timer (it may have been delayed by a suspended machine or a clock jump), saves state.
+   */
+  housekeep(): Promise<void> {
+    return this.serial(async () => {
+      if (this.loaded && this.names) await this.refreshNames(null);
+    })
+      .catch(() => undefined)
+      .finally(() => this.schedule());
+  }
+
+  /** Arms one timer for the next refresh or grace expiry. */
+
+  private schedule(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    if (this.stopped || !this.names) return;
+    const now = this.deps.clock();
+    const next = this.names.nextEvent(now);
+    if (next === null) return;
+    // Expiries are exact to the millisecond; wake just after so the address is gone when we look.
+    const delay = Math.min(Math.max(0, next - now + 5), MAX_TIMER);
+    this.timer = setTimeout(() => {
+      this.serial(() => this.refreshNames(null))
+        .catch(() => undefined)
+        .finally(() => this.schedule());
+    }, delay);
+  }
+
+  /** Live view for `egressctl status`. */
+  async status(service?: string): Promise<unknown> {
+    const now = this.deps.clock();
+    const l = this.loaded;
+    const table = this.names;
+    let counters = new Map<string, { packets: number; bytes: number }>();
+    let countersError: string | undefined;
+    if (l) {
+      try {
+        counters = await this.deps.nft.listCounters(l.config.table);
+      } catch (err) {
+        countersError = (err as Error).message;
+      }
+    }
+    const services = (l?.services ?? [])
+      .filter((s) => !service || s.policy.name === service)
+      .map((s) => {
+        const names = [...new Set(domainAllowances(s.policy).map((d) => d.name))].sort();
+        return {
+          name: s.policy.name,
+          uid: s.uid,
+          ...(s.gid !== undefined ? { gid: s.gid } : {}),
+          mode: s.policy.mode,
+          refused: counters.get(serviceObject(s.policy.name)) ?? null,
+          outbound: s.policy.outbound.length,
+          inbound: s.policy.inbound,
+          names: names.map((n) => {
+            const st = table?.get(n);
+            const current = new Set(st?.current ?? []);
+            return {
+              name: n,
+              addresses: (table?.allowed(n, now) ?? []).map((a) => ({
+                address: a,
+                current: current.has(a),
+                expires: st?.until[a] ?? null,
+              })),
+              lastRefresh: st?.lastAnswer ?? null,
+              nextRefresh: st?.nextRefresh ?? null,
+              ttl: st?.ttl ?? null,
+              lastError: st?.lastError ?? null,
+              dropped: st?.dropped ?? [],
+            };
+          }),
+        };
+      });
+    if (service && !services.length) {
+      throw new EgressError(
+        "ERR_EGRESS_UNKNOWN_SERVICE",
+        `service "${service}" is not registered (or not loaded)`,
+        {
+          hint: "egressctl list shows the policy on disk; egressctl apply loads it",
+        },
+      );
+    }
+    return {
+      daemon: {
+        pid: process.pid,
+        startedAt: this.startedAt,
+        table: l ? `inet ${l.config.table}` : null,
+        lastApply: this.lastApply,
+        appliedDigest: this.digest,
+        lastError: this.lastError,
+        policyError: this.loadError?.toJSON() ?? null,
+        nextEvent: table?.nextEvent(now) ?? null,
+        ...(countersError ? { countersError } : {}),
+      },
+      services,
+    };
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer) clearTimeout(this.timer);
+    await this.queue;
+  }
+}
