@@ -1,0 +1,140 @@
+/**
+ * `npm run demo`: the real egressd and egressctl in a throwaway network namespace, narrated.
+ * Nothing here touches the host's firewall: every nft command runs inside the namespace.
+ */
+import { eventually, Sandbox, type Daemon } from "../test/helpers/sandbox.ts";
+
+const SERVICE_UID = 2001;
+const OTHER_UID = 3001;
+const OLD = "192.0.2.10";
+const NEW = "192.0.2.11";
+const ELSEWHERE = "198.51.100.20";
+
+const bold = (s: string) => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
+const say = (s: string) => console.log(`\n${bold("== " + s)}`);
+const indent = (s: string) =>
+  s
+    .trimEnd()
+    .split("\n")
+    .map((l) => `   ${l}`)
+    .join("\n");
+
+async function ctl(sb: Sandbox, ...args: string[]): Promise<void> {
+  console.log(`$ egressctl ${args.join(" ")}`);
+  const r = await sb.egressctl(...args);
+  if (r.stdout) console.log(indent(r.stdout));
+  if (r.stderr) console.log(indent(r.stderr));
+  if (r.exitCode !== 0) throw new Error(`egressctl ${args.join(" ")} exited ${r.exitCode}`);
+}
+
+async function connect(
+  sb: Sandbox,
+  uid: number,
+  host: string,
+  port: number,
+  expect: string,
+): Promise<void> {
+  const result = await sb.try1(uid, "tcp", host, port);
+  const mark = result === expect ? "as expected" : `UNEXPECTED (wanted ${expect})`;
+  console.log(`   uid ${uid} -> ${host}:${port}  ${result.padEnd(13)} ${mark}`);
+  if (result !== expect) throw new Error(`demo expectation failed for ${host}:${port}`);
+}
+
+async function main(): Promise<void> {
+  say("Setting up a throwaway network namespace (the host's firewall is not touched)");
+  const sb = await Sandbox.create({
+    addresses: [OLD, NEW, ELSEWHERE],
+    listen: [OLD, NEW, ELSEWHERE].flatMap((host) =>
+      [443, 8080].map((port) => ({ proto: "tcp" as const, host, port })),
+    ),
+    records: { "api.example.test": { A: [OLD], ttl: 2 } },
+    config: {
+      resolvers: ["127.0.0.1:53"],
+      refresh: { minTtlSeconds: 1, maxTtlSeconds: 60, graceSeconds: 3 },
+    },
+  });
+  let daemon: Daemon | null = null;
+  try {
+    console.log(
+      `   namespace ${sb.ns}: web servers on ${OLD}, ${NEW}, ${ELSEWHERE} (ports 443, 8080)`,
+    );
+    console.log(`   DNS server on 127.0.0.1:53: api.example.test A ${OLD} (TTL 2 s)`);
+    console.log(`   config: ${sb.configDir}/egressd.json (grace period 3 s)`);
+
+    say("Register a service running as uid 2001");
+    await ctl(sb, "register", "svc-demo", "--user", String(SERVICE_UID));
+
+    say("Start egressd");
+    daemon = await sb.startDaemon();
+    console.log(
+      `   egressd is running (pid ${daemon.child.pid}); its control socket is ${sb.socket}`,
+    );
+
+    say("Allow svc-demo to reach api.example.test on port 443");
+    await ctl(sb, "allow", "svc-demo", "api.example.test:443");
+
+    say(
+      "Connections opened by processes running as uid 2001 (svc-demo) and uid 3001 (not registered)",
+    );
+    await connect(sb, SERVICE_UID, OLD, 443, "connected");
+    await connect(sb, SERVICE_UID, OLD, 8080, "ECONNREFUSED");
+    await connect(sb, SERVICE_UID, ELSEWHERE, 443, "ECONNREFUSED");
+    await connect(sb, OTHER_UID, ELSEWHERE, 443, "connected");
+    console.log("   (refusals are TCP resets: the client knows at once, nothing hangs)");
+
+    say(`The provider moves api.example.test from ${OLD} to ${NEW}`);
+    sb.setRecords({ "api.example.test": { A: [NEW], ttl: 2 } });
+    const added = await daemon.waitFor(
+      (l) => l.name === "api.example.test" && Array.isArray(l.added) && l.added.includes(NEW),
+      20_000,
+    );
+    console.log(
+      `   egressd log: ${JSON.stringify({ msg: added.msg, services: added.services, added: added.added, removed: added.removed })}`,
+    );
+    await connect(sb, SERVICE_UID, NEW, 443, "connected");
+    await connect(sb, SERVICE_UID, OLD, 443, "connected");
+    console.log(
+      `   ${OLD} stays allowed for the grace period: applications may still hold the old answer`,
+    );
+
+    say("After the grace period the old address is gone");
+    await eventually(
+      async () => (await sb.try1(SERVICE_UID, "tcp", OLD, 443)) === "ECONNREFUSED",
+      20_000,
+      "old address refused",
+    );
+    const removed = await daemon.waitFor(
+      (l) => l.name === "api.example.test" && Array.isArray(l.removed) && l.removed.includes(OLD),
+    );
+    console.log(
+      `   egressd log: ${JSON.stringify({ msg: removed.msg, services: removed.services, added: removed.added, removed: removed.removed })}`,
+    );
+    await connect(sb, SERVICE_UID, OLD, 443, "ECONNREFUSED");
+    await connect(sb, SERVICE_UID, NEW, 443, "connected");
+
+    say("Live status");
+    await ctl(sb, "status");
+
+    say("The rules egressd keeps in the namespace's kernel (one table, three base-chain rules)");
+    const table = await sb.nft("list", "table", "inet", "egressd");
+    console.log(
+      indent(
+        table
+          .split("\n")
+          .filter((l) => !/^\s*$/.test(l))
+          .slice(0, 60)
+          .join("\n"),
+      ),
+    );
+  } finally {
+    say("Cleaning up: stopping egressd and deleting the namespace");
+    await daemon?.stop();
+    await sb.destroy();
+  }
+  console.log("\nDone. Run the tests with: sudo bash scripts/test-all.sh");
+}
+
+main().catch((err: unknown) => {
+  console.error(`demo failed: ${(err as Error).message}`);
+  process.exitCode = 1;
+});
