@@ -133,37 +133,21 @@ export class Sandbox {
     return join(this.dir, "egressd.sock");
   }
 
+  /** The path flags that point egressctl and egressd at this sandbox. */
+  get pathFlags(): string[] {
+    return ["--config-dir", this.configDir, "--state-dir", this.stateDir, "--socket", this.socket];
+  }
+
   /** Runs egressctl inside the namespace against this sandbox's config dir and socket. */
   egressctl(...args: string[]) {
-    return this.exec(process.execPath, [
-      EGRESSCTL,
-      "--config-dir",
-      this.configDir,
-      "--state-dir",
-      this.stateDir,
-      "--socket",
-      this.socket,
-      ...args,
-    ]);
+    return this.exec(process.execPath, [EGRESSCTL, ...this.pathFlags, ...args]);
   }
 
   /** Starts egressd (the daemon) inside the namespace; resolves once its control socket is up. */
   async startDaemon(env: Record<string, string> = {}): Promise<Daemon> {
     const child = spawn(
       "ip",
-      [
-        "netns",
-        "exec",
-        this.ns,
-        process.execPath,
-        EGRESSD,
-        "--config-dir",
-        this.configDir,
-        "--state-dir",
-        this.stateDir,
-        "--socket",
-        this.socket,
-      ],
+      ["netns", "exec", this.ns, process.execPath, EGRESSD, ...this.pathFlags],
       { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } },
     );
     const d = new Daemon(child);
