@@ -63,7 +63,7 @@ export function parsePrincipal(text: string, flag: string): string | number {
   return text;
 }
 
-async function requireService(ctx: Ctx, name: string): Promise<ServicePolicy> {
+export async function requireService(ctx: Ctx, name: string): Promise<ServicePolicy> {
   checkServiceName(name);
   const p = await ctx.store.loadService(name);
   if (!p) {
@@ -98,7 +98,7 @@ const sameRule = (a: OutboundRule, b: OutboundRule) =>
   a.host === b.host && a.ports === b.ports && a.protocol === b.protocol;
 
 /** After a saved change: have the daemon apply it, or say how it will take effect. */
-async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: string }> {
+export async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: string }> {
   const call = await ctx.daemon();
   if (call) {
     try {

@@ -8,6 +8,8 @@ import { PolicyStore } from "../rules/policy-store.fs.ts";
 import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/paths.ts";
 
 import * as cmd from "./commands.ts";
+import * as inbound from "./inbound.ts";
+
 import type { Ctx, Result } from "./commands.ts";
 
 interface Io {
@@ -105,6 +107,31 @@ export function program(
     .argument("<target...>")
     .action(function (this: Command, service: string, targets: string[]) {
       go(this, (ctx) => cmd.revoke(ctx, service, targets));
+    });
+
+  prog
+    .command("allow-in")
+    .description("accept connections on a port, from anywhere or only from --from sources")
+    .argument("<service>")
+    .argument("<port>", "PORT[/tcp|/udp] or LOW-HIGH[/tcp|/udp], e.g. 8080 or 5353/udp")
+    .option(
+      "--from <cidr>",
+      "allowed source address or network (repeatable)",
+      (v: string, acc: string[]) => [...acc, v],
+      [] as string[],
+    )
+    .action(function (this: Command, service: string, port: string) {
+      const o = this.opts<{ from: string[] }>();
+      go(this, (ctx) => inbound.allowIn(ctx, service, port, o.from));
+    });
+
+  prog
+    .command("revoke-in")
+    .description("stop accepting connections on a port (written as allowed)")
+    .argument("<service>")
+    .argument("<port>")
+    .action(function (this: Command, service: string, port: string) {
+      go(this, (ctx) => inbound.revokeIn(ctx, service, port));
     });
 
   prog

@@ -12,6 +12,20 @@ import { parseNet, canonicalAddress, type Family } from "./addresses.ts";
 import { disjoint, elementJSON, type Allow } from "./elements.ts";
 import { invalid, type Problem } from "./errors.ts";
 import type { ServicePolicy } from "./policy.ts";
+import {
+  checkInboundOverlap,
+  GID_SERVE,
+  IN_CHAIN,
+  IN_DISPATCH,
+  inboundObjects,
+  inDispatchRule,
+  portElements,
+  serveDispatchRule,
+  servedRule,
+  sourceElements,
+  sourceRule,
+  UID_SERVE,
+} from "./inbound.ts";
 import type { ChainDef, Expr, Ruleset, SetDef } from "./ruleset.ts";
 import { parseHost, parsePorts, type PortRange, type Protocol } from "./target.ts";
 
@@ -160,19 +174,89 @@ function serviceChain(
     }
   }
   const obj = serviceObject(policy.name);
-  rules.push([{ counter: obj }]);
-  const verb = policy.mode === "audit" ? "audit" : "reject";
-  rules.push([{ limit: { ...LOG_RATE } }, { log: { prefix: `egressd ${verb} ${policy.name}: ` } }]);
-  if (policy.mode === "audit") {
-    rules.push([{ accept: null }]);
-  } else {
+  rules.push(...refusal(obj, `egressd ${verb(policy)} ${policy.name}: `, policy.mode, "reject"));
+  return { chain: { name: obj, rules }, sets };
+}
+
+const verb = (p: ServicePolicy) => (p.mode === "audit" ? "audit" : "reject");
+
+/**
+ * The end of every service chain: count, log (rate-limited, prefix naming the service), then
+ * refuse (TCP reset, else ICMP admin-prohibited; or a plain drop) or, in audit mode, accept.
+ */
+function refusal(
+  counter: string,
+  prefix: string,
+  mode: ServicePolicy["mode"],
+  how: "reject" | "drop",
+): Expr[][] {
+  const rules: Expr[][] = [[{ counter }], [{ limit: { ...LOG_RATE } }, { log: { prefix } }]];
+  if (mode === "audit") rules.push([{ accept: null }]);
+  else if (how === "drop") rules.push([{ drop: null }]);
+  else {
     rules.push([
       { match: { op: "==", left: { meta: { key: "l4proto" } }, right: "tcp" } },
       { reject: { type: "tcp reset" } },
     ]);
     rules.push([{ reject: { type: "icmpx", expr: "admin-prohibited" } }]);
   }
-  return { chain: { name: obj, rules }, sets };
+  return rules;
+}
+
+/** A service's inbound objects: the source check for its ports, and the check on its replies. */
+function inboundParts(svc: ServiceInput): {
+  chains: ChainDef[];
+  sets: SetDef[];
+  ports: unknown[];
+  counter: string;
+  reply: string;
+} {
+  const { policy } = svc;
+  const o = inboundObjects(serviceObject(policy.name));
+  const chains: ChainDef[] = [];
+  const sets: SetDef[] = [];
+  const declared = policy.inbound.flatMap((r) => {
+    const ports = parsePorts(r.ports);
+    return "error" in ports ? [] : [{ protocol: r.protocol, ports }];
+  });
+  const replyRules: Expr[][] = [];
+  if (declared.length) {
+    sets.push(
+      {
+        name: o.from4,
+        type: ["inet_proto", "inet_service", "ipv4_addr"],
+        flags: ["interval"],
+        elem: sourceElements(policy.inbound, 4),
+      },
+      {
+        name: o.from6,
+        type: ["inet_proto", "inet_service", "ipv6_addr"],
+        flags: ["interval"],
+        elem: sourceElements(policy.inbound, 6),
+      },
+      {
+        name: o.served,
+        type: ["inet_proto", "inet_service"],
+        flags: ["interval"],
+        elem: portElements(declared),
+      },
+    );
+    chains.push({
+      name: o.input,
+      rules: [
+        sourceRule(4, o.from4),
+        sourceRule(6, o.from6),
+        ...refusal(o.counter, `egressd ${verb(policy)}-in ${policy.name}: `, policy.mode, "reject"),
+      ],
+    });
+    replyRules.push(servedRule(o.served));
+  }
+  replyRules.push(
+    ...refusal(o.counter, `egressd ${verb(policy)}-serve ${policy.name}: `, policy.mode, "drop"),
+  );
+  chains.push({ name: o.reply, rules: replyRules });
+  const ports = portElements(declared).map((k) => [k, { goto: { target: o.input } }]);
+  return { chains, sets, ports, counter: o.counter, reply: o.reply };
 }
 
 function resolverAllows(resolvers: readonly ResolverAddr[], family: Family): Allow[] {
@@ -213,42 +297,74 @@ export function checkDistinctOwners(services: readonly ServiceInput[]): void {
 export function compile(input: CompileInput): Ruleset {
   const services = [...input.services].sort((a, b) => a.policy.name.localeCompare(b.policy.name));
   checkDistinctOwners(services);
+  checkInboundOverlap(services.map((s) => s.policy));
   const sets: SetDef[] = [
     concatSet(resolverSet(4), 4, resolverAllows(input.resolvers, 4)),
     concatSet(resolverSet(6), 6, resolverAllows(input.resolvers, 6)),
   ];
   const chains: ChainDef[] = [];
-  const uidElems: unknown[] = [];
-  const gidElems: unknown[] = [];
+  const counters: string[] = [];
+  const elems = {
+    uid: [] as unknown[],
+    gid: [] as unknown[],
+    uidServe: [] as unknown[],
+    gidServe: [] as unknown[],
+    ports: [] as unknown[],
+  };
   for (const svc of services) {
     const built = serviceChain(svc, input.resolutions);
-    chains.push(built.chain);
-    sets.push(...built.sets);
-    uidElems.push([svc.uid, { goto: { target: built.chain.name } }]);
-    if (svc.gid !== undefined) gidElems.push([svc.gid, { goto: { target: built.chain.name } }]);
+    const inbound = inboundParts(svc);
+    chains.push(built.chain, ...inbound.chains);
+    sets.push(...built.sets, ...inbound.sets);
+    counters.push(built.chain.name, inbound.counter);
+    elems.ports.push(...inbound.ports);
+    elems.uid.push([svc.uid, { goto: { target: built.chain.name } }]);
+    elems.uidServe.push([svc.uid, { goto: { target: inbound.reply } }]);
+    if (svc.gid !== undefined) {
+      elems.gid.push([svc.gid, { goto: { target: built.chain.name } }]);
+      elems.gidServe.push([svc.gid, { goto: { target: inbound.reply } }]);
+    }
   }
   const byKey = (a: unknown, b: unknown) => (a as [number])[0] - (b as [number])[0];
   sets.unshift(
-    { name: UID_MAP, type: "uid", map: "verdict", elem: uidElems.sort(byKey) },
-    { name: GID_MAP, type: "gid", map: "verdict", elem: gidElems.sort(byKey) },
+    { name: UID_MAP, type: "uid", map: "verdict", elem: elems.uid.sort(byKey) },
+    { name: GID_MAP, type: "gid", map: "verdict", elem: elems.gid.sort(byKey) },
+    { name: UID_SERVE, type: "uid", map: "verdict", elem: elems.uidServe.sort(byKey) },
+    { name: GID_SERVE, type: "gid", map: "verdict", elem: elems.gidServe.sort(byKey) },
+    {
+      name: IN_DISPATCH,
+      type: ["inet_proto", "inet_service"],
+      map: "verdict",
+      flags: ["interval"],
+      elem: elems.ports,
+    },
   );
-  const base: ChainDef = {
+  const established: Expr[] = [
+    { match: { op: "in", left: { ct: { key: "state" } }, right: ["established", "related"] } },
+    { accept: null },
+  ];
+  const output: ChainDef = {
     name: BASE_CHAIN,
     base: { type: "filter", hook: "output", prio: 0, policy: "accept" },
     rules: [
-      [
-        { match: { op: "in", left: { ct: { key: "state" } }, right: ["established", "related"] } },
-        { accept: null },
-      ],
+      // A managed service's answers first: only from ports it declared (its SYN-ACK counts as established).
+      serveDispatchRule("skuid", UID_SERVE),
+      serveDispatchRule("skgid", GID_SERVE),
+      established,
       [{ vmap: { key: { meta: { key: "skuid" } }, data: `@${UID_MAP}` } }],
       [{ vmap: { key: { meta: { key: "skgid" } }, data: `@${GID_MAP}` } }],
     ],
   };
+  const inputChain: ChainDef = {
+    name: IN_CHAIN,
+    base: { type: "filter", hook: "input", prio: 0, policy: "accept" },
+    rules: [established, inDispatchRule],
+  };
   return {
     family: "inet",
     table: input.table,
-    counters: services.map((s) => serviceObject(s.policy.name)),
+    counters,
     sets,
-    chains: [base, ...chains],
+    chains: [output, inputChain, ...chains],
   };
 }

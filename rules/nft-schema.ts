@@ -80,6 +80,34 @@ const schema = {
         minItems: 3,
       },
     }),
+    // protocol . port . source (inbound sources) and protocol . port (declared ports)
+    sourceElem: obj({
+      concat: {
+        type: "array",
+        prefixItems: [
+          { enum: ["tcp", "udp"] },
+          { $ref: "#/$defs/portElem" },
+          { $ref: "#/$defs/addrElem" },
+        ],
+        items: false,
+        minItems: 3,
+      },
+    }),
+    portKeyElem: obj({
+      concat: {
+        type: "array",
+        prefixItems: [{ enum: ["tcp", "udp"] }, { $ref: "#/$defs/portElem" }],
+        items: false,
+        minItems: 2,
+      },
+    }),
+    setElem: {
+      anyOf: [
+        { $ref: "#/$defs/concatElem" },
+        { $ref: "#/$defs/sourceElem" },
+        { $ref: "#/$defs/portKeyElem" },
+      ],
+    },
     verdict: {
       oneOf: [
         obj({ accept: { type: "null" } }),
@@ -90,11 +118,14 @@ const schema = {
     },
     mapElem: {
       type: "array",
-      prefixItems: [{ $ref: "#/$defs/id" }, { $ref: "#/$defs/verdict" }],
+      prefixItems: [
+        { anyOf: [{ $ref: "#/$defs/id" }, { $ref: "#/$defs/portKeyElem" }] },
+        { $ref: "#/$defs/verdict" },
+      ],
       items: false,
       minItems: 2,
     },
-    elem: { anyOf: [{ $ref: "#/$defs/concatElem" }, { $ref: "#/$defs/mapElem" }] },
+    elem: { anyOf: [{ $ref: "#/$defs/setElem" }, { $ref: "#/$defs/mapElem" }] },
     table: obj({ family: FAMILY, name: NAME }),
     chain: {
       ...obj(
@@ -133,7 +164,7 @@ const schema = {
         name: NAME,
         type: { $ref: "#/$defs/setType" },
         flags: { type: "array", items: { enum: ["interval"] }, uniqueItems: true },
-        elem: { type: "array", items: { $ref: "#/$defs/concatElem" } },
+        elem: { type: "array", items: { $ref: "#/$defs/setElem" } },
       },
       ["family", "table", "name", "type"],
     ),
@@ -142,7 +173,18 @@ const schema = {
         family: FAMILY,
         table: NAME,
         name: NAME,
-        type: { enum: ["uid", "gid"] },
+        type: {
+          anyOf: [
+            { enum: ["uid", "gid"] },
+            {
+              type: "array",
+              prefixItems: [{ const: "inet_proto" }, { const: "inet_service" }],
+              items: false,
+              minItems: 2,
+            },
+          ],
+        },
+        flags: { type: "array", items: { enum: ["interval"] }, uniqueItems: true },
         map: { const: "verdict" },
         elem: { type: "array", items: { $ref: "#/$defs/mapElem" } },
       },
@@ -240,7 +282,8 @@ const schema = {
         }),
         obj({
           vmap: obj({
-            key: { $ref: "#/$defs/meta" },
+            key: { anyOf: [{ $ref: "#/$defs/meta" }, { $ref: "#/$defs/concatExpr" }] },
+
             data: { type: "string", pattern: "^@[A-Za-z_][A-Za-z0-9_]{0,62}$" },
           }),
         }),

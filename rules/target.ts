@@ -156,3 +156,16 @@ export function formatTarget(r: OutboundRule): string {
   const host = r.host.includes(":") ? `[${r.host}]` : r.host;
   return `${host}:${r.ports}${r.protocol === "tcp" ? "" : `/${r.protocol}`}`;
 }
+
+/** Parses an inbound port: "8080", "8080/udp", "8000-8100/tcp". */
+export function parsePortSpec(
+  text: string,
+): { ports: string; protocol: Protocol } | { error: string } {
+  const slash = text.indexOf("/");
+  const portText = slash === -1 ? text : text.slice(0, slash);
+  const proto = parseProtocol(slash === -1 ? "tcp" : text.slice(slash + 1));
+  if (typeof proto !== "string") return proto;
+  const ports = parsePorts(portText);
+  if ("error" in ports) return ports;
+  return { ports: formatPorts(ports), protocol: proto };
+}

@@ -39,6 +39,8 @@ test.before.each(async () => {
   for (const args of [
     ["register", "svc-web", "--user", "2001"],
     ["allow", "svc-web", "api.example.test:443", "10.0.0.0/8:5432"],
+    ["allow-in", "svc-web", "8080", "--from", "192.0.2.0/24"],
+    ["register", "svc-db", "--user", "2009"],
   ]) {
     const r = await run(...args);
     assert.is(r.exitCode, 0, r.stderr);
@@ -86,6 +88,18 @@ const BAD: [string[], string][] = [
   [["unregister", "svc-nope"], 'service "svc-nope" is not registered'],
   [["list", "svc-nope"], 'service "svc-nope" is not registered'],
   [["frobnicate"], "unknown command 'frobnicate'"],
+  [["allow-in", "svc-web", "70000"], 'invalid port "70000": ports are 1-65535'],
+  [["allow-in", "svc-web", "8080/icmp"], 'invalid protocol "icmp"'],
+  [["allow-in", "svc-web", "9090", "--from", "10.0.0.1/8"], "the network is 10.0.0.0/8"],
+  [["allow-in", "svc-web", "9090", "--from", "nope"], 'invalid address "nope"'],
+  [["allow-in", "svc-nope", "9090"], 'service "svc-nope" is not registered'],
+  [["allow-in", "svc-web"], "missing required argument 'port'"],
+  [
+    ["allow-in", "svc-db", "8000-8100"],
+    "inbound 8000-8100/tcp overlaps 8080/tcp of service svc-web",
+  ],
+  [["revoke-in", "svc-web", "9999"], "svc-web does not accept 9999/tcp"],
+  [["revoke-in", "svc-web", "8080/udp"], "svc-web does not accept 8080/udp"],
   [["apply", "--dry-rn"], "unknown option '--dry-rn'"],
 ];
 
@@ -98,6 +112,32 @@ for (const [args, fragment] of BAD) {
     assert.is(snapshot(), before, "policy files changed");
   });
 }
+
+test("allow-in widens and narrows sources as asked, and list shows it", async () => {
+  let r = await run(
+    "allow-in",
+    "svc-web",
+    "8080",
+    "--from",
+    "198.51.100.0/24",
+    "--from",
+    "192.0.2.0/24",
+  );
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, "8080/tcp accepts from 192.0.2.0/24, 198.51.100.0/24");
+  r = await run("allow-in", "svc-web", "8080");
+  assert.match(r.stdout, "8080/tcp now accepts from anywhere");
+  r = await run("allow-in", "svc-web", "8080", "--from", "203.0.113.0/24");
+  assert.match(r.stdout, "already accepts from anywhere");
+  r = await run("allow-in", "svc-web", "5353/udp", "--from", "2001:db8::/32");
+  assert.is(r.exitCode, 0, r.stderr);
+  r = await run("list", "svc-web");
+  assert.match(r.stdout, "in  8080/tcp from anywhere");
+  assert.match(r.stdout, "in  5353/udp from 2001:db8::/32");
+  r = await run("revoke-in", "svc-web", "5353/udp");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.not.match((await run("list", "svc-web")).stdout, "5353");
+});
 
 test("--json gives errors as data with a stable code", async () => {
   const r = await run("--json", "allow", "svc-web", "x.example.test:0");
@@ -158,16 +198,18 @@ test("allow, list and revoke round-trip; allowing twice is a no-op", async () =>
   assert.match(r.stdout, "egressd is not running");
   r = await run("list", "svc-web");
   assert.is(
-    r.stdout,
+    r.stdout.replace(/\n {2}in .*/g, ""),
     // (execa strips the final newline)
     "svc-web  user 2001  mode enforce  dns system\n  out api.example.test:443\n  out 10.0.0.0/8:5432\n  out [2001:db8::/32]:443\n  out dns.example.test:53/udp",
   );
   r = await run("revoke", "svc-web", "api.example.test:443", "dns.example.test:53/udp");
   assert.is(r.exitCode, 0, r.stderr);
   r = await run("--json", "list");
-  const data = JSON.parse(r.stdout) as { services: { outbound: { host: string }[] }[] };
+  const data = JSON.parse(r.stdout) as {
+    services: { name: string; outbound: { host: string }[] }[];
+  };
   assert.equal(
-    data.services[0]?.outbound.map((o) => o.host),
+    data.services.find((s) => s.name === "svc-web")?.outbound.map((o) => o.host),
     ["10.0.0.0/8", "2001:db8::/32"],
   );
 });
@@ -189,7 +231,18 @@ test("twenty egressctl allow commands at the same moment all land", async () => 
 });
 
 test("--help works for every command and --version prints the version", async () => {
-  for (const c of ["register", "unregister", "allow", "revoke", "list", "apply"]) {
+  for (const c of [
+    "register",
+    "unregister",
+    "allow",
+    "revoke",
+    "allow-in",
+    "revoke-in",
+    "list",
+    "status",
+    "refresh",
+    "apply",
+  ]) {
     const r = await run(c, "--help");
     assert.is(r.exitCode, 0);
     assert.match(r.stdout, `Usage: egressctl ${c}`);

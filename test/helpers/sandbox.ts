@@ -60,6 +60,15 @@ export type Records = Record<
   { A?: string[]; AAAA?: string[]; CNAME?: string; ttl?: number; rcode?: string }
 >;
 
+export interface Attempt {
+  proto: "tcp" | "udp" | "dns";
+  host: string;
+  port: number;
+  name?: string;
+  source?: string;
+  timeoutMs?: number;
+}
+
 export interface ProbeResult {
   proto: string;
   host: string;
@@ -73,6 +82,7 @@ let counter = 0;
 export class Sandbox {
   private peer: ChildProcess | null = null;
   private readonly daemons: Daemon[] = [];
+  private readonly servers: ChildProcess[] = [];
   readonly configDir: string;
   readonly stateDir: string;
   readonly recordsFile: string;
@@ -185,11 +195,7 @@ export class Sandbox {
   }
 
   /** Tries connections as `uid` from inside the namespace. */
-  async probe(
-    uid: number,
-    attempts: { proto: "tcp" | "udp" | "dns"; host: string; port: number; name?: string }[],
-    gid = uid,
-  ): Promise<ProbeResult[]> {
+  async probe(uid: number, attempts: Attempt[], gid = uid): Promise<ProbeResult[]> {
     const { probe } = await fixtures();
     const r = await this.exec("setpriv", [
       `--reuid=${uid}`,
@@ -228,6 +234,21 @@ export class Sandbox {
     return readFileSync(this.servicesFile(name), "utf8");
   }
 
+  /** Servers running as `uid` (TCP greets, UDP echoes); stopped with the sandbox. */
+  async serveAs(uid: number, listen: Listen[]): Promise<void> {
+    const { peer } = await fixtures();
+    const setpriv = ["setpriv", `--reuid=${uid}`, `--regid=${uid}`, "--clear-groups"];
+    const child = spawn(
+      "ip",
+      ["netns", "exec", this.ns, ...setpriv, process.execPath, peer, JSON.stringify({ listen })],
+      {
+        stdio: ["pipe", "pipe", "inherit"],
+      },
+    );
+    this.servers.push(child);
+    await ready(child);
+  }
+
   private async startPeer(listen: Listen[]): Promise<void> {
     const { peer } = await fixtures();
     const spec = { listen, dns: { host: "127.0.0.1", port: 53, records: this.recordsFile } };
@@ -239,23 +260,12 @@ export class Sandbox {
       },
     );
     this.peer = child;
-    await new Promise<void>((resolveReady, reject) => {
-      const timer = setTimeout(() => reject(new Error("peer did not start within 10 s")), 10_000);
-      child.stdout?.on("data", (d: Buffer) => {
-        if (d.toString().includes("ready")) {
-          clearTimeout(timer);
-          resolveReady();
-        }
-      });
-      child.on("exit", (code) => {
-        clearTimeout(timer);
-        reject(new Error(`peer exited with ${String(code)}`));
-      });
-    });
+    await ready(child);
   }
 
   async destroy(): Promise<void> {
     for (const d of this.daemons) await d.stop("SIGKILL");
+    for (const c of this.servers) c.kill("SIGKILL");
     if (this.peer && this.peer.exitCode === null) {
       const exited = new Promise((r) => this.peer?.once("exit", r));
       this.peer.kill("SIGTERM");
@@ -264,6 +274,23 @@ export class Sandbox {
     await execa("ip", ["netns", "delete", this.ns], { reject: false });
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/** Waits for a fixture's "ready" line. */
+function ready(child: ChildProcess): Promise<void> {
+  return new Promise<void>((resolveReady, reject) => {
+    const timer = setTimeout(() => reject(new Error("fixture did not start within 10 s")), 10_000);
+    child.stdout?.on("data", (d: Buffer) => {
+      if (d.toString().includes("ready")) {
+        clearTimeout(timer);
+        resolveReady();
+      }
+    });
+    child.on("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`fixture exited with ${String(code)}`));
+    });
+  });
 }
 
 export interface LogLine {

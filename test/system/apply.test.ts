@@ -66,7 +66,7 @@ test("a batch that nft rejects is reported with command, exit code and message, 
   });
 });
 
-test("egressctl apply with 1,000 services keeps the base chain at three rules, one map lookup per packet", async () => {
+test("egressctl apply with 1,000 services keeps the base chains at five and two rules: map lookups, not a rule per service", async () => {
   await withSandbox(WORLD, async (sb) => {
     const store = new PolicyStore(sb.configDir);
     await store.locked(async () => {
@@ -87,12 +87,17 @@ test("egressctl apply with 1,000 services keeps the base chain at three rules, o
     assert.is(r.exitCode, 0, r.stderr);
     const listing = await sb.nftJson("list", "table", "inet", "egressd");
     const baseRules = listing.nftables.filter((o) => o.rule?.chain === "output");
-    assert.is(baseRules.length, 3);
+    assert.is(baseRules.length, 5);
+    assert.is(listing.nftables.filter((o) => o.rule?.chain === "input").length, 2);
     const uidMap = listing.nftables.find((o) => o.map?.name === "uid_dispatch")?.map as {
       elem: unknown[];
     };
     assert.is(uidMap.elem.length, 1000);
-    assert.is(listing.nftables.filter((o) => o.chain).length, 1001);
+    assert.is(
+      listing.nftables.filter((o) => o.chain).length,
+      2 + 2 * 1000,
+      "output, input, and s_ and r_ per service",
+    );
   });
 });
 
@@ -114,6 +119,21 @@ test("no false drift: after applying generated policies, the live table equals t
         if (rand(3) === 0) svc.set({ mode: "audit" });
         if (rand(4) === 0) svc.set({ dns: "none" });
         if (rand(3) === 0) svc.gid(30_000 + s);
+        // Inbound: each service in its own port block, so no two services overlap.
+        for (let t = 0; t < rand(4); t++) {
+          const low = 10_000 + s * 100 + rand(90);
+          const from = [
+            [],
+            ["192.0.2.0/24"],
+            ["198.51.100.7", "2001:db8::/48"],
+            ["10.0.0.0/8", "10.1.0.0/16"],
+          ][rand(4)] as string[];
+          svc.input.policy.inbound.push({
+            ports: rand(2) ? String(low) : `${low}-${low + rand(9)}`,
+            protocol: rand(2) ? "tcp" : "udp",
+            ...(from.length ? { from } : {}),
+          });
+        }
         for (let t = 0; t < rand(7); t++) {
           const port = 1 + rand(2000);
           const ports = rand(2) ? String(port) : `${port}-${port + rand(500)}`;

@@ -15,7 +15,7 @@ const set = (r: Ruleset, name: string) => r.sets.find((s) => s.name === name);
 const rules = (r: Ruleset, name: string) => chain(r, name)?.rules.map(ruleText);
 const elems = (r: Ruleset, name: string) => set(r, name)?.elem.map(elemText);
 
-test("the base chain accepts established traffic, then dispatches by uid and gid through maps", () => {
+test("the output chain checks a service's answers, accepts established traffic, then dispatches by uid and gid through maps", () => {
   const r = compile(policy().service("svc-web", 2001).allow("api.example.test:443").build());
   assert.equal(chain(r, "output")?.base, {
     type: "filter",
@@ -24,12 +24,88 @@ test("the base chain accepts established traffic, then dispatches by uid and gid
     policy: "accept",
   });
   assert.equal(rules(r, "output"), [
+    "ct direction reply meta skuid vmap @uid_serve",
+    "ct direction reply meta skgid vmap @gid_serve",
     "ct state established,related accept",
     "meta skuid vmap @uid_dispatch",
     "meta skgid vmap @gid_dispatch",
   ]);
   assert.equal(elems(r, "uid_dispatch"), ["2001 : goto s_svc_web"]);
+  assert.equal(elems(r, "uid_serve"), ["2001 : goto r_svc_web"]);
   assert.equal(elems(r, "gid_dispatch"), []);
+  assert.equal(chain(r, "input")?.base, {
+    type: "filter",
+    hook: "input",
+    prio: 0,
+    policy: "accept",
+  });
+  assert.equal(rules(r, "input"), [
+    "ct state established,related accept",
+    "meta l4proto . th dport vmap @in_dispatch",
+  ]);
+});
+
+test("inbound: declared ports accept only their sources; replies leave only from declared ports", () => {
+  const b = policy().service("svc-web", 2001);
+  b.input.policy.inbound.push(
+    { ports: "8080", protocol: "tcp", from: ["192.0.2.0/24", "2001:db8::/32"] },
+    { ports: "5353", protocol: "udp" },
+  );
+  const r = compile(b.build());
+  assert.equal(elems(r, "in_dispatch"), [
+    "tcp . 8080 : goto i_svc_web",
+    "udp . 5353 : goto i_svc_web",
+  ]);
+  assert.equal(elems(r, "s_svc_web_inb4")?.sort(), [
+    "tcp . 8080 . 192.0.2.0/24",
+    "udp . 5353 . 0.0.0.0/0",
+  ]);
+  assert.equal(elems(r, "s_svc_web_inb6")?.sort(), [
+    "tcp . 8080 . 2001:db8::/32",
+    "udp . 5353 . ::/0",
+  ]);
+  assert.equal(elems(r, "s_svc_web_srvp"), ["tcp . 8080", "udp . 5353"]);
+  assert.equal(rules(r, "i_svc_web"), [
+    "meta l4proto . th dport . ip saddr @s_svc_web_inb4 accept",
+    "meta l4proto . th dport . ip6 saddr @s_svc_web_inb6 accept",
+    'counter name "i_svc_web"',
+    'limit rate 5/second burst 10 packets log prefix "egressd reject-in svc-web: "',
+    "meta l4proto tcp reject with tcp reset",
+    "reject with icmpx admin-prohibited",
+  ]);
+  assert.equal(rules(r, "r_svc_web"), [
+    "meta l4proto . th sport @s_svc_web_srvp accept",
+    'counter name "i_svc_web"',
+    'limit rate 5/second burst 10 packets log prefix "egressd reject-serve svc-web: "',
+    "drop",
+  ]);
+});
+
+test("a service that declares no inbound port cannot answer on any", () => {
+  const r = compile(policy().service("svc-web", 2001).build());
+  assert.equal(rules(r, "r_svc_web"), [
+    'counter name "i_svc_web"',
+    'limit rate 5/second burst 10 packets log prefix "egressd reject-serve svc-web: "',
+    "drop",
+  ]);
+  assert.is(chain(r, "i_svc_web"), undefined);
+  assert.equal(elems(r, "in_dispatch"), []);
+});
+
+test("two services may not declare overlapping inbound ports", () => {
+  const b = policy();
+  b.service("svc-a", 2001).input.policy.inbound.push({ ports: "8000-8100", protocol: "tcp" });
+  b.service("svc-b", 2002).input.policy.inbound.push({ ports: "8080", protocol: "tcp" });
+  try {
+    compile(b.build());
+    assert.unreachable("compiled");
+  } catch (err) {
+    assert.instance(err, EgressError);
+    assert.match(
+      (err as EgressError).problems[0]?.text ?? "",
+      "inbound 8080/tcp overlaps 8000-8100/tcp of service svc-a",
+    );
+  }
 });
 
 test("a service chain allows resolvers, literals and resolved names, then counts, logs and rejects", () => {
@@ -109,13 +185,14 @@ test("a name allowed by two services feeds both services' sets", () => {
   assert.equal(elems(r, "s_svc_b_dns4"), ["203.0.113.5 . tcp . 8443"]);
 });
 
-test("the base chain holds three rules whether there is one service or a thousand", () => {
+test("the base chains hold five and two rules whether there is one service or a thousand", () => {
   for (const n of [0, 1, 1000]) {
     const b = policy();
     for (let i = 0; i < n; i++)
       b.service(`svc-${i}`, 10_000 + i).allow(`198.51.100.${i % 250}:443`);
     const r = compile(b.build());
-    assert.is(chain(r, "output")?.rules.length, 3, `${n} services`);
+    assert.is(chain(r, "output")?.rules.length, 5, `${n} services`);
+    assert.is(chain(r, "input")?.rules.length, 2, `${n} services`);
     assert.is(set(r, "uid_dispatch")?.elem.length, n);
   }
 });
