@@ -8,10 +8,13 @@ import { invalid, type Problem } from "../rules/errors.ts";
 import { parseLive } from "../rules/live.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import type { PolicyStore } from "../rules/policy-store.fs.ts";
-import { filterAddresses, type Dropped } from "../rules/resolution.ts";
+import type { Dropped } from "../rules/resolution.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
 import { replaceBatch } from "../rules/batch.ts";
+import { createHash } from "node:crypto";
 import { dnsResolver, resolveAll, type Resolver } from "./dns.resolver.ts";
+import { NameTable } from "./names.ts";
+import type { StateStore } from "./state.fs.ts";
 import type { Nft } from "./nft.exec.ts";
 import { configuredResolvers } from "./resolvers.fs.ts";
 import type { Users } from "./users.sys.ts";
@@ -23,6 +26,9 @@ export interface Deps {
   users: Users;
   /** Builds the DNS resolver for the configured servers (tests may pass their own). */
   resolver?: (servers: readonly ResolverAddr[]) => Resolver;
+  /** Where last-known resolutions are kept (shared with the daemon). */
+  state?: StateStore;
+  clock?: () => number;
 }
 
 export interface NameReport {
@@ -40,6 +46,8 @@ export interface Plan {
   services: { name: string; uid: number; gid?: number; mode: string }[];
   resolvers: ResolverAddr[];
   names: NameReport[];
+  /** The DNS bookkeeping after this plan, to save once it is applied. */
+  table: NameTable;
 }
 
 /** Looks up every service's user and group; all unknown ones are reported together. */
@@ -82,12 +90,8 @@ export async function resolvePrincipals(
   return out;
 }
 
-/** Resolves every domain once and keeps what may be allowed. */
-export async function resolveNames(
-  policies: readonly ServicePolicy[],
-  config: DaemonConfig,
-  resolver: Resolver,
-): Promise<NameReport[]> {
+/** Which services allow each name. */
+function nameUsers(policies: readonly ServicePolicy[]): Map<string, string[]> {
   const users = new Map<string, string[]>();
   for (const p of policies) {
     for (const d of domainAllowances(p)) {
@@ -96,49 +100,57 @@ export async function resolveNames(
       users.set(d.name, list);
     }
   }
-  const results = await resolveAll(resolver, [...users.keys()].sort());
-  return [...users.entries()]
-    .sort(([a], [b]) => a.localeCompare(b))
-    .map(([name, services]) => {
-      const r = results.get(name);
-      if (!r || !r.ok) {
-        return {
-          name,
-          services,
-          addresses: [],
-          dropped: [],
-          error: r
-            ? { code: r.code, message: r.message }
-            : { code: "ERROR", message: "not resolved" },
-        };
-      }
-      const f = filterAddresses(r.answer.addresses, {
-        allowPrivate: config.refresh.allowPrivateAddresses,
-        max: config.refresh.maxAddressesPerName,
-      });
-      return { name, services, addresses: f.kept, dropped: f.dropped, ttl: r.answer.ttl };
-    });
+  return users;
 }
 
-/** Everything needed to apply: the desired table and how it came about. Touches no firewall. */
-export async function plan(deps: Deps): Promise<Plan> {
+/**
+ * Everything needed to apply: the desired table and how it came about. Touches no firewall.
+ * `resolve: "all"` asks DNS for every name (apply); `"missing"` uses the saved resolutions and
+ * asks only for names never resolved (audit: compare with what was applied, not with new answers).
+ * Either way a name that fails keeps its last-known addresses from the state dir (fail-static).
+ */
+export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Promise<Plan> {
+  const now = (deps.clock ?? Date.now)();
   const config = await deps.store.loadConfig();
   const policies = await deps.store.loadServices();
   const services = await resolvePrincipals(policies, deps.users, (n) => deps.store.serviceFile(n));
   const resolvers = await configuredResolvers(config);
-  const resolver = (deps.resolver ?? ((s) => dnsResolver(s)))(resolvers);
-  const names = await resolveNames(policies, config, resolver);
-  const ruleset = compile({
-    table: config.table,
-    resolvers,
-    services,
-    resolutions: new Map(names.map((n) => [n.name, n.addresses])),
+  const saved = deps.state ? (await deps.state.load()).state : null;
+  const table = NameTable.fromJSON(saved?.names, config.refresh);
+  const users = nameUsers(policies);
+  table.track(users.keys(), now);
+  const ask =
+    resolve === "all"
+      ? table.list()
+      : table.list().filter((n) => table.get(n)?.lastAnswer === null);
+  const failed = new Map<string, { code: string; message: string }>();
+  if (ask.length) {
+    const resolver = (deps.resolver ?? ((s) => dnsResolver(s)))(resolvers);
+    for (const [name, r] of await resolveAll(resolver, ask)) {
+      table.observe(name, r, now);
+      if (!r.ok) failed.set(name, { code: r.code, message: r.message });
+    }
+  }
+  const resolutions = table.snapshot(now);
+  const ruleset = compile({ table: config.table, resolvers, services, resolutions });
+  const names: NameReport[] = table.list().map((name) => {
+    const st = table.get(name);
+    const error = failed.get(name);
+    return {
+      name,
+      services: users.get(name) ?? [],
+      addresses: resolutions.get(name) ?? [],
+      dropped: st?.dropped ?? [],
+      ...(st?.ttl ? { ttl: st.ttl } : {}),
+      ...(error ? { error } : {}),
+    };
   });
   return {
     config,
     ruleset,
     resolvers,
     names,
+    table,
     services: services.map((s) => ({
       name: s.policy.name,
       uid: s.uid,
@@ -153,7 +165,35 @@ export async function pendingChanges(nft: Nft, ruleset: Ruleset): Promise<Findin
   return diff(parseLive(await nft.listTable(ruleset.table), ruleset.table), ruleset);
 }
 
-/** Replaces egressd's table in one transaction; on failure the previous ruleset stays. */
-export async function applyRuleset(nft: Nft, ruleset: Ruleset): Promise<void> {
-  await nft.apply(replaceBatch(ruleset));
+/**
+ * Replaces egressd's table in one transaction (on failure the previous ruleset stays), then
+ * saves the resolutions it was built from, so the daemon and the audit start from them.
+ */
+export async function applyPlan(
+  deps: Pick<Deps, "nft" | "state" | "clock">,
+  p: Plan,
+): Promise<void> {
+  const batch = replaceBatch(p.ruleset);
+  await deps.nft.apply(batch);
+  await deps.state?.save({
+    version: 1,
+    savedAt: (deps.clock ?? Date.now)(),
+    names: p.table.toJSON(),
+    applied: {
+      digest: createHash("sha256").update(JSON.stringify(batch)).digest("hex"),
+      at: (deps.clock ?? Date.now)(),
+    },
+  });
+}
+
+/** Audit: the live table against the desired one. With `repair`, re-applies the desired table in one transaction and audits again. */
+export async function auditTable(
+  nft: Nft,
+  desired: Ruleset,
+  repair: boolean,
+): Promise<{ findings: Finding[]; repaired: boolean; remaining: Finding[] }> {
+  const findings = await pendingChanges(nft, desired);
+  if (!repair || !findings.length) return { findings, repaired: false, remaining: findings };
+  await nft.apply(replaceBatch(desired));
+  return { findings, repaired: true, remaining: await pendingChanges(nft, desired) };
 }

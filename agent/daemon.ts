@@ -22,7 +22,7 @@ import { EgressError } from "../rules/errors.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import type { PolicyStore } from "../rules/policy-store.fs.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
-import { resolvePrincipals } from "./apply.ts";
+import { auditTable, resolvePrincipals } from "./apply.ts";
 import { resolveAll, type Resolver } from "./dns.resolver.ts";
 import { NameTable } from "./names.ts";
 import type { Nft } from "./nft.exec.ts";
@@ -50,6 +50,13 @@ interface Loaded {
   resolver: Resolver;
 }
 
+export interface AuditRecord {
+  at: number;
+  findings: Finding[];
+  repaired: boolean;
+  remaining: number;
+}
+
 export interface ApplySummary {
   kind: "replace" | "delta" | "none";
   /** Elements added and removed (delta), or objects in the table (replace). */
@@ -71,6 +78,7 @@ export class Daemon {
   readonly startedAt: number;
   lastApply: ApplySummary | null = null;
   lastError: { code: string; message: string; at: number } | null = null;
+  lastAudit: AuditRecord | null = null;
   /** Why the policy on disk is not the one enforced (null when it is). */
   loadError: EgressError | null = null;
   private digest: string | null = null;
@@ -432,6 +440,56 @@ export class Daemon {
     }, delay);
   }
 
+  /**
+   * The drift audit: the live table against the table egressd last applied. With `repair`,
+   * re-applies it in one transaction and audits again.
+   */
+  audit(repair: boolean): Promise<AuditRecord> {
+    return this.serial(async () => {
+      if (!this.applied) {
+        throw (
+          this.loadError ??
+          new EgressError("ERR_EGRESS_NOT_READY", "egressd has not applied a policy yet", {
+            exitCode: 3,
+          })
+        );
+      }
+      const { log, clock } = this.deps;
+      const r = await auditTable(this.deps.nft, this.applied, repair);
+      const record: AuditRecord = {
+        at: clock(),
+        findings: r.findings,
+        repaired: r.repaired,
+        remaining: r.remaining.length,
+      };
+      this.lastAudit = record;
+      if (r.findings.length) {
+        log.warn(
+          {
+            code: "ERR_EGRESS_DRIFT",
+            findings: r.findings.slice(0, 50),
+            count: r.findings.length,
+            opens: r.findings.filter((f) => f.opens).length,
+          },
+          `drift: ${r.findings.length} difference(s) between the kernel and the policy`,
+        );
+        if (r.repaired) {
+          if (r.remaining.length)
+            log.error(
+              { code: "ERR_EGRESS_DRIFT", remaining: r.remaining.slice(0, 50) },
+              "repair did not converge",
+            );
+          else
+            log.info(
+              { repaired: r.findings.length },
+              "drift repaired: the table is as the policy says again",
+            );
+        }
+      } else log.debug("audit: in sync");
+      return record;
+    });
+  }
+
   /** Live view for `egressctl status`. */
   async status(service?: string): Promise<unknown> {
     const now = this.deps.clock();
@@ -492,6 +550,10 @@ export class Daemon {
         startedAt: this.startedAt,
         table: l ? `inet ${l.config.table}` : null,
         lastApply: this.lastApply,
+        lastAudit: this.lastAudit && {
+          ...this.lastAudit,
+          findings: this.lastAudit.findings.length,
+        },
         appliedDigest: this.digest,
         lastError: this.lastError,
         policyError: this.loadError?.toJSON() ?? null,

@@ -4,11 +4,13 @@
  */
 import type { Server } from "node:net";
 import { Command, CommanderError } from "commander";
-import cron from "node-cron";
+import cron, { type ScheduledTask } from "node-cron";
 import { pino, type Logger } from "pino";
 import { EgressError } from "../rules/errors.ts";
+import type { DaemonConfig } from "../rules/policy.ts";
 import { PolicyStore } from "../rules/policy-store.fs.ts";
-import { applyRuleset, plan } from "./apply.ts";
+import { applyPlan, plan } from "./apply.ts";
+
 import { serveControl, type Request } from "./control.sock.ts";
 import { Daemon } from "./daemon.ts";
 import { dnsResolver } from "./dns.resolver.ts";
@@ -32,15 +34,26 @@ function errorCode(err: unknown, log: Logger): number {
 
 async function once(g: GlobalOptions): Promise<number> {
   const log = logger();
-  const store = new PolicyStore(paths(g).configDir);
+  const p = paths(g);
+  const deps = {
+    store: new PolicyStore(p.configDir),
+    state: new StateStore(p.stateDir),
+    nft: execNft(),
+    users: systemUsers(),
+  };
   try {
-    const nft = execNft();
-    const p = await plan({ store, nft, users: systemUsers() });
-    log.level = p.config.log.level;
-    for (const n of p.names) {
+    const result = await plan(deps);
+    log.level = result.config.log.level;
+    for (const n of result.names) {
       if (n.error)
         log.warn(
-          { code: "ERR_EGRESS_DNS", name: n.name, services: n.services, error: n.error },
+          {
+            code: "ERR_EGRESS_DNS",
+            name: n.name,
+            services: n.services,
+            error: n.error,
+            keeping: n.addresses,
+          },
           "name did not resolve",
         );
       else
@@ -49,9 +62,13 @@ async function once(g: GlobalOptions): Promise<number> {
           "resolved",
         );
     }
-    await applyRuleset(nft, p.ruleset);
+    await applyPlan(deps, result);
     log.info(
-      { table: `inet ${p.ruleset.table}`, services: p.services.length, names: p.names.length },
+      {
+        table: `inet ${result.ruleset.table}`,
+        services: result.services.length,
+        names: result.names.length,
+      },
       "applied",
     );
     return 0;
@@ -64,6 +81,23 @@ async function once(g: GlobalOptions): Promise<number> {
 async function daemon(g: GlobalOptions): Promise<number> {
   const log = logger();
   const p = paths(g);
+  const audit: { task: ScheduledTask | null; schedule: string } = { task: null, schedule: "" };
+  // (Re)arms the audit on the configured schedule; called whenever the config is loaded.
+  const scheduleAudit = (config: DaemonConfig) => {
+    if (audit.schedule === config.audit.schedule) return;
+    void audit.task?.stop();
+    const task = cron.schedule(
+      config.audit.schedule,
+      () =>
+        d.audit(d.config?.audit.repair ?? true).then(
+          () => undefined,
+          () => undefined,
+        ),
+      { name: "audit", noOverlap: true },
+    );
+    Object.assign(audit, { task, schedule: config.audit.schedule });
+    log.info({ schedule: config.audit.schedule, repair: config.audit.repair }, "audit scheduled");
+  };
   const d = new Daemon({
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
@@ -72,6 +106,7 @@ async function daemon(g: GlobalOptions): Promise<number> {
     resolver: (servers) => dnsResolver(servers),
     clock: Date.now,
     log,
+    onConfig: scheduleAudit,
   });
   const housekeeping = cron.schedule("* * * * *", () => d.housekeep(), {
     name: "housekeeping",
@@ -89,6 +124,8 @@ async function daemon(g: GlobalOptions): Promise<number> {
         return d.status(req.service);
       case "refresh":
         return d.refresh(req.service);
+      case "audit":
+        return d.audit(Boolean(req.repair));
       default:
         throw new EgressError("ERR_EGRESS_BAD_REQUEST", `unknown control operation "${req.op}"`, {
           exitCode: 2,
@@ -105,6 +142,7 @@ async function daemon(g: GlobalOptions): Promise<number> {
     log.info({ socket: p.socket }, "control socket ready");
   } catch (err) {
     await housekeeping.stop();
+    await audit.task?.stop();
     await d.stop();
     return errorCode(err, log);
   }
@@ -112,6 +150,7 @@ async function daemon(g: GlobalOptions): Promise<number> {
     const stop = (signal: string) => {
       log.info({ signal }, "stopping; the kernel keeps enforcing the current ruleset");
       void housekeeping.stop();
+      void audit.task?.stop();
       server?.close();
       void d.stop().then(() => resolve(0));
     };

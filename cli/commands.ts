@@ -1,6 +1,7 @@
 /** egressctl's command handlers: each gathers inputs, calls the pure parts, and returns data. */
 import {
-  applyRuleset,
+  applyPlan,
+  auditTable,
   pendingChanges,
   plan,
   resolvePrincipals,
@@ -328,10 +329,14 @@ export function changeLines(findings: readonly Finding[]): string[] {
 function nameWarnings(p: Plan): string[] {
   const out: string[] = [];
   for (const n of p.names) {
-    if (n.error)
+    if (n.error) {
+      const keep = n.addresses.length
+        ? `keeping its ${n.addresses.length} last-known address(es)`
+        : "it allows nothing until it does";
       out.push(
-        `warning: ${n.name} (${n.services.join(", ")}) did not resolve: ${n.error.message}; it allows nothing until it does`,
+        `warning: ${n.name} (${n.services.join(", ")}) did not resolve: ${n.error.message}; ${keep}`,
       );
+    }
     for (const d of n.dropped)
       out.push(`warning: ${n.name}: not allowing ${d.address} (${d.reason})`);
   }
@@ -377,7 +382,7 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
       warnings: nameWarnings(p),
     };
   }
-  await applyRuleset(ctx.nft, p.ruleset);
+  await applyPlan(ctx, p);
   const failed = p.names.filter((n) => n.error).length;
   return {
     exitCode: 0,
@@ -410,6 +415,7 @@ interface StatusData {
     pid: number;
     table: string | null;
     lastApply: ApplySummary | null;
+    lastAudit: { at: number; findings: number; repaired: boolean; remaining: number } | null;
     lastError: { code: string; message: string; at: number } | null;
     policyError: { message: string; problems?: { where: string; text: string }[] } | null;
   };
@@ -435,6 +441,12 @@ function statusText(s: StatusData): string {
   const lines = [
     `egressd running (pid ${d.pid}), table ${d.table ?? "-"}, last apply ${time(d.lastApply?.at)}${d.lastApply ? ` (${d.lastApply.kind})` : ""}`,
   ];
+  const a = d.lastAudit;
+  const auditResult = (x: NonNullable<typeof a>) =>
+    x.findings
+      ? `${x.findings} difference(s)${x.repaired ? (x.remaining ? `, repair left ${x.remaining}` : ", repaired") : ""}`
+      : "in sync";
+  lines.push(a ? `  last audit ${time(a.at)}: ${auditResult(a)}` : "  no audit yet");
   if (d.lastError)
     lines.push(
       `  last error: ${d.lastError.message} (${d.lastError.code}, ${time(d.lastError.at)})`,
@@ -481,4 +493,58 @@ export async function refresh(ctx: Ctx, service?: string): Promise<Result> {
     text: `re-resolved ${r.names.length} name(s); ${r.kind === "none" ? "no change" : r.kind === "delta" ? `${r.changes} set element(s) changed` : "table replaced"}\n`,
     data: r,
   };
+}
+
+/** One line per finding, the ones that may open the firewall marked with "!". */
+export function findingLines(findings: readonly Finding[]): string[] {
+  return findings.map((f) => {
+    const [part, what] = [f.kind.split("-")[0], f.kind.split("-").slice(1).join("-")];
+    const where =
+      part === "rule" || part === "element" || part === "rules"
+        ? `${part} in ${f.object}`
+        : f.object;
+    const detail =
+      what === "changed" || what === "reordered"
+        ? `expected ${f.expected ?? ""}, found ${f.found ?? ""}`
+        : (f.expected ?? f.found ?? "");
+    const why =
+      f.kind === "element-extra" && f.opens ? "  (allows traffic the policy does not)" : "";
+    return `${f.opens ? "!" : " "} ${what.padEnd(9)} ${where}${detail ? `: ${detail}` : ""}${why}`;
+  });
+}
+
+export async function audit(ctx: Ctx, opts: { repair?: boolean }): Promise<Result> {
+  const repair = Boolean(opts.repair);
+  const call = await ctx.daemon();
+  let table: string;
+  let r: { findings: Finding[]; repaired: boolean; remaining: number };
+  if (call) {
+    r = (await call({ op: "audit", repair })) as typeof r;
+    table = "the table egressd applied";
+  } else {
+    // Compare with what was applied: the saved resolutions, not new DNS answers.
+    const p = await plan(ctx, "missing");
+    const a = await auditTable(ctx.nft, p.ruleset, repair);
+    r = { findings: a.findings, repaired: a.repaired, remaining: a.remaining.length };
+    table = `table inet ${p.ruleset.table}`;
+  }
+  const lines: string[] = [];
+  if (!r.findings.length)
+    lines.push(`in sync: the kernel holds ${table} exactly as the policy says`);
+  else {
+    const opening = r.findings.filter((f) => f.opens).length;
+    lines.push(
+      `drift: ${r.findings.length} difference(s) from ${table}${opening ? `, ${opening} of them may let through traffic the policy refuses (!)` : ""}:`,
+    );
+    lines.push(...findingLines(r.findings));
+    if (r.repaired) {
+      lines.push(
+        r.remaining
+          ? `repair applied, but a second audit still finds ${r.remaining} difference(s)`
+          : "repaired: the desired table was re-applied in one transaction; a second audit finds it in sync",
+      );
+    } else lines.push("run egressctl audit --repair to put it back");
+  }
+  const exitCode = r.findings.length ? (r.repaired && r.remaining ? 3 : 1) : 0;
+  return { exitCode, text: lines.join("\n") + "\n", data: { inSync: !r.findings.length, ...r } };
 }

@@ -2,7 +2,9 @@
 import { Command, CommanderError, Option } from "commander";
 import { connectDaemon } from "../agent/control.sock.ts";
 import { execNft } from "../agent/nft.exec.ts";
+import { StateStore } from "../agent/state.fs.ts";
 import { systemUsers } from "../agent/users.sys.ts";
+
 import { EgressError, type ExitCode } from "../rules/errors.ts";
 import { PolicyStore } from "../rules/policy-store.fs.ts";
 import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/paths.ts";
@@ -29,6 +31,7 @@ function context(g: GlobalOptions): Ctx {
   const p = paths(g);
   return {
     store: new PolicyStore(p.configDir),
+    state: new StateStore(p.stateDir),
     nft: execNft(),
     users: systemUsers(),
     daemon: () => connectDaemon(p.socket),
@@ -149,6 +152,15 @@ export function program(
     .action(function (this: Command) {
       const o = this.opts<{ dryRun?: boolean }>();
       go(this, (ctx) => cmd.apply(ctx, o));
+    });
+
+  prog
+    .command("audit")
+    .description("compare the live ruleset with the policy; exit 1 when they differ")
+    .option("--repair", "re-apply the desired table in one transaction, then audit again")
+    .action(function (this: Command) {
+      const o = this.opts<{ repair?: boolean }>();
+      go(this, (ctx) => cmd.audit(ctx, o));
     });
 
   prog

@@ -29,6 +29,30 @@ export interface Finding {
   expected?: string;
   /** What the live state has (absent for missing things). */
   found?: string;
+  /** True when the difference may let through traffic the policy refuses. */
+  opens?: boolean;
+}
+
+const ALLOW_SET = /(_lit4|_lit6|_dns4|_dns6|_inb4|_inb6|_srvp|^set resolvers[46])$/;
+const DISPATCH_MAP = /^map (uid_dispatch|gid_dispatch|uid_serve|gid_serve|in_dispatch)$/;
+
+/** Whether a finding may open the firewall: the cases an operator must look at first. */
+export function opens(f: Finding): boolean {
+  switch (f.kind) {
+    case "table-missing":
+    case "rule-missing":
+    case "rule-extra":
+    case "rules-reordered":
+    case "chain-changed":
+      return true;
+    case "element-extra":
+      return ALLOW_SET.test(f.object);
+    case "element-missing":
+    case "set-missing":
+      return DISPATCH_MAP.test(f.object);
+    default:
+      return false;
+  }
 }
 
 function byName<T extends { name: string }>(items: readonly T[]): Map<string, T> {
@@ -90,6 +114,10 @@ function diffElements(object: string, live: SetDef, want: SetDef, out: Finding[]
 
 /** Everything that differs between the live table (null: absent) and the desired one. */
 export function diff(live: Ruleset | null, desired: Ruleset): Finding[] {
+  return differences(live, desired).map((f) => (opens(f) ? { ...f, opens: true } : f));
+}
+
+function differences(live: Ruleset | null, desired: Ruleset): Finding[] {
   const out: Finding[] = [];
   const empty: Ruleset = {
     family: desired.family,

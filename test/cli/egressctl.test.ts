@@ -12,11 +12,24 @@ const test = suite("egressctl: argv in, stdout/stderr/exit code out");
 let dir = "";
 
 function run(...args: string[]) {
-  return execa(process.execPath, [EGRESSCTL, "--config-dir", dir, ...args], {
-    reject: false,
-    stdin: "ignore",
-    env: { EGRESSD_NFT: "/nonexistent/nft" },
-  });
+  return execa(
+    process.execPath,
+    [
+      EGRESSCTL,
+      "--config-dir",
+      dir,
+      "--state-dir",
+      join(dir, "state"),
+      "--socket",
+      join(dir, "sock"),
+      ...args,
+    ],
+    {
+      reject: false,
+      stdin: "ignore",
+      env: { EGRESSD_NFT: "/nonexistent/nft" },
+    },
+  );
 }
 
 /** A digest of every file under the config dir (names and bytes). */
@@ -182,6 +195,14 @@ test("when nft cannot run, apply exits 3 and says what to install", async () => 
   assert.is(r.exitCode, 3, r.stderr);
   assert.match(r.stderr, 'cannot run "/nonexistent/nft"');
   assert.match(r.stderr, "install nftables");
+});
+
+test("status and refresh need the daemon: without one they exit 3 and say so", async () => {
+  for (const c of ["status", "refresh"]) {
+    const r = await run(c);
+    assert.is(r.exitCode, 3, r.stderr);
+    assert.match(r.stderr, "egressd is not running");
+  }
 });
 
 test("allow, list and revoke round-trip; allowing twice is a no-op", async () => {
