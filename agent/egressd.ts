@@ -3,7 +3,7 @@
  * the daemon: enforce from saved state, keep names resolved, serve the control socket.
  */
 import type { Server } from "node:net";
-import { Command, CommanderError } from "commander";
+import { CommanderError } from "commander";
 import cron, { type ScheduledTask } from "node-cron";
 import { pino, type Logger } from "pino";
 import { EgressError } from "../rules/errors.ts";
@@ -15,7 +15,8 @@ import { serveControl, type Request } from "./control.sock.ts";
 import { Daemon } from "./daemon.ts";
 import { dnsResolver } from "./dns.resolver.ts";
 import { execNft } from "./nft.exec.ts";
-import { paths, VERSION, withPathOptions, type GlobalOptions } from "./paths.ts";
+import { egressdProgram } from "./egressd-program.ts";
+import { paths, VERSION, type GlobalOptions } from "./paths.ts";
 import { StateStore } from "./state.fs.ts";
 import { systemUsers } from "./users.sys.ts";
 
@@ -165,19 +166,9 @@ async function daemon(g: GlobalOptions): Promise<number> {
 
 async function main(argv: string[]): Promise<number> {
   let code = 0;
-  const prog = new Command("egressd")
-    .description("egressd: per-service outbound firewall agent (nftables, keyed on socket owner)")
-    .version(VERSION, "--version", "print the version")
-    .option("--once", "apply the policy once and exit");
-  withPathOptions(prog)
-    .exitOverride()
-    .configureOutput({
-      outputError: (text, write) => write(`egressd: ${text.replace(/^error: /, "")}`),
-    })
-    .action(async function (this: Command) {
-      const g = this.opts<GlobalOptions & { once?: boolean }>();
-      code = g.once ? await once(g) : await daemon(g);
-    });
+  const prog = egressdProgram(async (g) => {
+    code = g.once ? await once(g) : await daemon(g);
+  });
   try {
     await prog.parseAsync(argv, { from: "user" });
   } catch (err) {

@@ -3,6 +3,9 @@ import { build } from "esbuild";
 import { readFileSync } from "node:fs";
 
 const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8"));
+// Packaging tests build a newer version to test upgrades.
+const version = process.env.EGRESSD_PKG_VERSION ?? pkg.version;
+
 const entries = { egressctl: "cli/egressctl.ts", egressd: "agent/egressd.ts" };
 
 for (const [name, entry] of Object.entries(entries)) {
@@ -15,7 +18,7 @@ for (const [name, entry] of Object.entries(entries)) {
     format: "esm",
     sourcemap: false,
     legalComments: "none",
-    define: { EGRESSD_VERSION: JSON.stringify(pkg.version) },
+    define: { EGRESSD_VERSION: JSON.stringify(version) },
     // CommonJS dependencies call require(); give the ESM bundle one.
     banner: {
       js: [
@@ -30,4 +33,4 @@ for (const [name, entry] of Object.entries(entries)) {
     logLevel: "warning",
   });
 }
-console.log(`built dist/egressctl.js and dist/egressd.js (version ${pkg.version})`);
+console.log(`built dist/egressctl.js and dist/egressd.js (version ${version})`);

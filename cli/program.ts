@@ -1,0 +1,232 @@
+/** egressctl's command tree and runner: parses argv, runs one handler, renders its result. The only place that prints. */
+import { Command, CommanderError, Option } from "commander";
+import { connectDaemon } from "../agent/control.sock.ts";
+import { execNft } from "../agent/nft.exec.ts";
+import { StateStore } from "../agent/state.fs.ts";
+import { systemUsers } from "../agent/users.sys.ts";
+
+import { EgressError, type ExitCode } from "../rules/errors.ts";
+import { PolicyStore } from "../rules/policy-store.fs.ts";
+import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/paths.ts";
+
+import * as cmd from "./commands.ts";
+import * as inbound from "./inbound.ts";
+
+import type { Ctx, Result } from "./commands.ts";
+
+export interface Io {
+  stdout: (s: string) => void;
+  stderr: (s: string) => void;
+}
+
+/** Renders an error the one way egressctl does: message, problems, hint. */
+export function renderError(err: EgressError): string {
+  const lines = [`egressctl: ${err.message}`];
+  for (const p of err.problems) lines.push(`  ${p.where}: ${p.text}`);
+  if (err.hint) lines.push(`hint: ${err.hint}`);
+  return lines.join("\n") + "\n";
+}
+
+function context(g: GlobalOptions): Ctx {
+  const p = paths(g);
+  return {
+    store: new PolicyStore(p.configDir),
+    state: new StateStore(p.stateDir),
+    nft: execNft(),
+    users: systemUsers(),
+    daemon: () => connectDaemon(p.socket),
+  };
+}
+
+/** Builds the command tree. `run` receives each handler's promise. */
+export function program(
+  io: Io,
+  run: (g: GlobalOptions, job: (ctx: Ctx) => Promise<Result>) => void,
+): Command {
+  const prog = new Command("egressctl")
+    .description(
+      "Manage egressd: per-service outbound allowlists enforced by nftables, keyed on the socket owner's uid.",
+    )
+    .version(VERSION, "--version", "print the version")
+    .helpOption("-h, --help", "show help")
+    .option("--json", "machine-readable output on stdout");
+  withPathOptions(prog)
+    .option("-q, --quiet", "print only errors")
+    .option("-v, --verbose", "print more detail")
+    .showHelpAfterError("(run with --help for usage)")
+    .configureHelp({ showGlobalOptions: true })
+    .exitOverride()
+    .configureOutput({
+      writeOut: io.stdout,
+      writeErr: io.stderr,
+      outputError: (text, write) => write(`egressctl: ${text.replace(/^error: /, "")}`),
+    });
+
+  const go = (c: Command, job: (ctx: Ctx) => Promise<Result>) =>
+    run(c.optsWithGlobals<GlobalOptions>(), job);
+
+  prog
+    .command("register")
+    .description("register a service under its own user (and optionally group)")
+    .argument("<service>", "service name, e.g. svc-web")
+    .requiredOption("--user <name|uid>", "the user the service runs as")
+    .option("--group <name|gid>", "also match sockets owned by this group")
+    .option(
+      "--create-user",
+      "create the user as a locked system account with no login shell if missing",
+    )
+    .addOption(
+      new Option(
+        "--mode <mode>",
+        "enforce: refuse what is not allowed; audit: log and count only",
+      ).default("enforce"),
+    )
+    .action(function (this: Command, service: string) {
+      const o = this.opts<{ user: string; group?: string; createUser?: boolean; mode: string }>();
+      go(this, (ctx) => cmd.register(ctx, service, o));
+    });
+
+  prog
+    .command("unregister")
+    .description("remove a service and all its allowances")
+    .argument("<service>")
+    .action(function (this: Command, service: string) {
+      go(this, (ctx) => cmd.unregister(ctx, service));
+    });
+
+  prog
+    .command("allow")
+    .description("allow outbound connections: HOST:PORT[/PROTO] or HOST:LOW-HIGH[/PROTO]")
+    .argument("<service>")
+    .argument("<target...>", "e.g. api.example.com:443, 10.0.0.0/8:5432, [2001:db8::1]:53/udp")
+    .action(function (this: Command, service: string, targets: string[]) {
+      go(this, (ctx) => cmd.allow(ctx, service, targets));
+    });
+
+  prog
+    .command("revoke")
+    .description("remove outbound allowances (written exactly as allowed)")
+    .argument("<service>")
+    .argument("<target...>")
+    .action(function (this: Command, service: string, targets: string[]) {
+      go(this, (ctx) => cmd.revoke(ctx, service, targets));
+    });
+
+  prog
+    .command("allow-in")
+    .description("accept connections on a port, from anywhere or only from --from sources")
+    .argument("<service>")
+    .argument("<port>", "PORT[/tcp|/udp] or LOW-HIGH[/tcp|/udp], e.g. 8080 or 5353/udp")
+    .option(
+      "--from <cidr>",
+      "allowed source address or network (repeatable)",
+      (v: string, acc: string[]) => [...acc, v],
+      [] as string[],
+    )
+    .action(function (this: Command, service: string, port: string) {
+      const o = this.opts<{ from: string[] }>();
+      go(this, (ctx) => inbound.allowIn(ctx, service, port, o.from));
+    });
+
+  prog
+    .command("revoke-in")
+    .description("stop accepting connections on a port (written as allowed)")
+    .argument("<service>")
+    .argument("<port>")
+    .action(function (this: Command, service: string, port: string) {
+      go(this, (ctx) => inbound.revokeIn(ctx, service, port));
+    });
+
+  prog
+    .command("list")
+    .description("show the policy as written")
+    .argument("[service]")
+    .action(function (this: Command, service?: string) {
+      go(this, (ctx) => cmd.list(ctx, service));
+    });
+
+  prog
+    .command("apply")
+    .description("compile the policy, resolve names and replace egressd's table in one transaction")
+    .option("--dry-run", "print what would change and touch nothing")
+    .action(function (this: Command) {
+      const o = this.opts<{ dryRun?: boolean }>();
+      go(this, (ctx) => cmd.apply(ctx, o));
+    });
+
+  prog
+    .command("audit")
+    .description("compare the live ruleset with the policy; exit 1 when they differ")
+    .option("--repair", "re-apply the desired table in one transaction, then audit again")
+    .action(function (this: Command) {
+      const o = this.opts<{ repair?: boolean }>();
+      go(this, (ctx) => cmd.audit(ctx, o));
+    });
+
+  prog
+    .command("status")
+    .description(
+      "live state from egressd: resolved addresses and expiry, refreshes, refused packets",
+    )
+    .argument("[service]")
+    .action(function (this: Command, service?: string) {
+      go(this, (ctx) => cmd.status(ctx, service));
+    });
+
+  prog
+    .command("refresh")
+    .description("re-resolve names now (all, or one service's) and apply what changed")
+    .argument("[service]")
+    .action(function (this: Command, service?: string) {
+      go(this, (ctx) => cmd.refresh(ctx, service));
+    });
+
+  return prog;
+}
+
+/** Runs egressctl with `argv` (without node and script) and returns the exit code. */
+export async function main(argv: readonly string[], io: Io): Promise<ExitCode> {
+  let pending: Promise<ExitCode> | null = null;
+  const prog = program(io, (g, job) => {
+    pending = (async () => {
+      try {
+        const r = await job(context(g));
+        if (g.json) io.stdout(JSON.stringify(r.data, null, 2) + "\n");
+        else {
+          if (!g.quiet) io.stdout(r.text);
+          for (const w of r.warnings ?? []) if (!g.quiet) io.stderr(w + "\n");
+        }
+        return r.exitCode;
+      } catch (err) {
+        const e =
+          err instanceof EgressError
+            ? err
+            : new EgressError("ERR_EGRESS_INTERNAL", `internal error: ${(err as Error).message}`, {
+                exitCode: 4,
+                hint: "this is a bug in egressd; please report it with the command you ran",
+                details: { stack: (err as Error).stack },
+              });
+        if (g.json) io.stdout(JSON.stringify({ error: e.toJSON() }, null, 2) + "\n");
+        io.stderr(renderError(e));
+        return e.exitCode;
+      }
+    })();
+  });
+  try {
+    await prog.parseAsync([...argv], { from: "user" });
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      return err.code === "commander.helpDisplayed" ||
+        err.code === "commander.version" ||
+        err.code === "commander.help"
+        ? 0
+        : 2;
+    }
+    throw err;
+  }
+  if (!pending) {
+    io.stderr(prog.helpInformation());
+    return 2;
+  }
+  return pending;
+}

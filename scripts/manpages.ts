@@ -1,0 +1,196 @@
+/**
+ * Generates the man pages egressctl(8) and egressd(8) and the bash and zsh completions from
+ * the same commander programs that print --help, so they cannot disagree.
+ * Usage: node --import tsx scripts/manpages.ts OUTDIR
+ */
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import type { Command, Option } from "commander";
+import { egressdProgram } from "../agent/egressd-program.ts";
+import { program as egressctlProgram } from "../cli/program.ts";
+
+const out = process.argv[2] ?? "dist/share";
+const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as {
+  version: string;
+};
+const epoch = Number(process.env.SOURCE_DATE_EPOCH ?? Math.floor(Date.now() / 1000));
+const date = new Date(epoch * 1000).toISOString().slice(0, 10);
+
+const noop = () => undefined;
+const io = { stdout: noop, stderr: noop };
+const ctl = egressctlProgram(io, noop);
+const daemon = egressdProgram(async () => undefined);
+
+/** Escapes text for roff. */
+const roff = (s: string) =>
+  s
+    .replace(/\\/g, "\\e")
+    .replace(/-/g, "\\-")
+    .replace(/^([.'])/gm, "\\&$1");
+
+const visible = (c: Command) => c.options.filter((o: Option) => !o.hidden);
+
+function synopsisArgs(c: Command): string {
+  return c.registeredArguments
+    .map((a) =>
+      a.required
+        ? `\\fI<${a.name()}${a.variadic ? "..." : ""}>\\fR`
+        : `[\\fI${a.name()}${a.variadic ? "..." : ""}\\fR]`,
+    )
+    .join(" ");
+}
+
+function optionItems(opts: readonly Option[]): string[] {
+  return opts.flatMap((o) => [
+    ".TP",
+    `.B ${roff(o.flags)}`,
+    roff(
+      o.description +
+        (o.defaultValue !== undefined && typeof o.defaultValue !== "object"
+          ? ` (default: ${String(o.defaultValue)})`
+          : ""),
+    ),
+  ]);
+}
+
+const COMMON_TAIL = (prog: string) => [
+  ".SH EXIT STATUS",
+  ".TP\n.B 0\nsuccess",
+  ".TP\n.B 1\nthe audit found drift (egressctl audit only)",
+  ".TP\n.B 2\nusage or validation error; nothing was changed",
+  ".TP\n.B 3\nthe system refused: nft failed, permission denied, or the daemon was required and is not running",
+  ".TP\n.B 4\ninternal error",
+  ".SH FILES",
+  ".TP\n.I /etc/egressd/egressd.json\ndaemon configuration",
+  ".TP\n.I /etc/egressd/services.d/<service>.json\none policy per service",
+  ".TP\n.I /var/lib/egressd/state.json\nlast-known resolutions, applied before any DNS query at start-up",
+  ".TP\n.I /run/egressd/egressd.sock\ncontrol socket",
+  ".SH ENVIRONMENT",
+  ".TP\n.B EGRESSD_CONFIG_DIR, EGRESSD_STATE_DIR, EGRESSD_SOCKET\nas the corresponding options",
+  ".TP\n.B EGRESSD_NFT\nthe nft program to run (default: nft on PATH)",
+  ".SH SEE ALSO",
+  prog === "egressctl" ? ".BR egressd (8), " : ".BR egressctl (8), ",
+  ".BR nft (8), ",
+  ".BR systemd.exec (5)",
+  "",
+  "The documentation in /usr/share/doc/egressd describes the policy format, the ruleset, inbound allowances, the audit and the daemon.",
+];
+
+function ctlPage(): string {
+  const lines = [
+    `.TH EGRESSCTL 8 "${date}" "egressd ${pkg.version}" "System Administration"`,
+    ".SH NAME",
+    "egressctl \\- manage egressd, the per-service outbound firewall",
+    ".SH SYNOPSIS",
+    ".B egressctl",
+    "[\\fIoptions\\fR] \\fIcommand\\fR [\\fIarguments\\fR]",
+    ".SH DESCRIPTION",
+    roff(ctl.description()),
+    "Targets are HOST:PORT[/PROTO] or HOST:LOW\\-HIGH[/PROTO], where HOST is a domain name, an IPv4 address, a bracketed IPv6 address ([2001:db8::1]:443) or a CIDR (10.0.0.0/8:5432, [2001:db8::/32]:443), and PROTO is tcp (the default) or udp.",
+    ".SH OPTIONS",
+    ...optionItems(visible(ctl)),
+    ".SH COMMANDS",
+  ];
+  for (const c of ctl.commands) {
+    lines.push(".TP", `.B ${c.name()} ${synopsisArgs(c)}`.trimEnd(), roff(c.description()));
+    const opts = visible(c).filter((o) => o.long !== "--help");
+    if (opts.length) lines.push(".RS", ...optionItems(opts), ".RE");
+  }
+  lines.push(
+    ".SH EXAMPLES",
+    ".nf",
+    "egressctl register svc\\-web \\-\\-user svc\\-web \\-\\-create\\-user",
+    "egressctl allow svc\\-web api.example.com:443 10.0.0.0/8:5432",
+    "egressctl allow\\-in svc\\-web 8080 \\-\\-from 192.0.2.0/24",
+    "egressctl status svc\\-web",
+    "egressctl audit \\-\\-repair",
+    ".fi",
+    ...COMMON_TAIL("egressctl"),
+  );
+  return lines.join("\n") + "\n";
+}
+
+function daemonPage(): string {
+  return (
+    [
+      `.TH EGRESSD 8 "${date}" "egressd ${pkg.version}" "System Administration"`,
+      ".SH NAME",
+      "egressd \\- per-service outbound firewall agent (nftables, keyed on the socket owner)",
+      ".SH SYNOPSIS",
+      ".B egressd",
+      "[\\fIoptions\\fR]",
+      ".SH DESCRIPTION",
+      roff(daemon.description()),
+      "At start-up it applies the last-known resolutions before any DNS query. SIGHUP reloads the configuration and policies; SIGTERM exits and leaves the ruleset in the kernel.",
+      ".SH OPTIONS",
+      ...optionItems(visible(daemon)),
+      ...COMMON_TAIL("egressd"),
+    ].join("\n") + "\n"
+  );
+}
+
+function bash(): string {
+  const cmds = ctl.commands.map((c) => c.name());
+  const global = visible(ctl).flatMap((o) =>
+    [o.short, o.long].filter((x): x is string => Boolean(x)),
+  );
+  const per = ctl.commands.map((c) => {
+    const flags = visible(c).flatMap((o) => [o.long].filter((x): x is string => Boolean(x)));
+    const takesService = c.registeredArguments[0]?.name() === "service";
+    return `    ${c.name()}) opts="${flags.join(" ")}"; svc=${takesService ? 1 : 0} ;;`;
+  });
+  return `# bash completion for egressctl (generated from its --help source)
+_egressctl() {
+  local cur cmd opts svc i
+  cur="\${COMP_WORDS[COMP_CWORD]}"
+  cmd=""
+  for ((i = 1; i < COMP_CWORD; i++)); do
+    case "\${COMP_WORDS[i]}" in
+      --config-dir|--state-dir|--socket) ((i++)) ;;
+      -*) ;;
+      *) cmd="\${COMP_WORDS[i]}"; break ;;
+    esac
+  done
+  if [[ -z "$cmd" ]]; then
+    COMPREPLY=($(compgen -W "${cmds.join(" ")} ${global.join(" ")}" -- "$cur"))
+    return
+  fi
+  opts=""; svc=0
+  case "$cmd" in
+${per.join("\n")}
+  esac
+  if [[ "$cur" == -* ]]; then
+    COMPREPLY=($(compgen -W "$opts ${global.join(" ")}" -- "$cur"))
+  elif [[ $svc == 1 && $((COMP_CWORD - i)) == 1 ]]; then
+    local dir="\${EGRESSD_CONFIG_DIR:-/etc/egressd}/services.d"
+    COMPREPLY=($(compgen -W "$(cd "$dir" 2>/dev/null && ls *.json 2>/dev/null | sed 's/\\.json$//')" -- "$cur"))
+  fi
+}
+complete -F _egressctl egressctl
+`;
+}
+
+function zsh(): string {
+  const cmds = ctl.commands.map((c) => `'${c.name()}:${c.description().replace(/'/g, "")}'`);
+  return `#compdef egressctl
+# zsh completion for egressctl (generated from its --help source)
+_egressctl() {
+  local -a commands
+  commands=(${cmds.join(" ")})
+  if (( CURRENT == 2 )); then
+    _describe 'command' commands
+  else
+    _files -W "\${EGRESSD_CONFIG_DIR:-/etc/egressd}/services.d" -g '*.json(:r)'
+  fi
+}
+_egressctl "$@"
+`;
+}
+
+mkdirSync(join(out, "man"), { recursive: true });
+mkdirSync(join(out, "completion"), { recursive: true });
+writeFileSync(join(out, "man", "egressctl.8"), ctlPage());
+writeFileSync(join(out, "man", "egressd.8"), daemonPage());
+writeFileSync(join(out, "completion", "egressctl.bash"), bash());
+writeFileSync(join(out, "completion", "_egressctl"), zsh());
+console.log(`wrote man pages and completions under ${out}`);

@@ -1,0 +1,209 @@
+/**
+ * `npm run package`: builds dist/packages/egressd_<version>_all.deb and
+ * dist/packages/egressd-<version>-1.noarch.rpm from dist/ (npm run build) with dpkg-deb and
+ * rpmbuild. EGRESSD_PKG_VERSION overrides the version (the upgrade test builds a newer one).
+ */
+import {
+  chmodSync,
+  copyFileSync,
+  cpSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
+import { createHash } from "node:crypto";
+import { dirname, join, relative, resolve } from "node:path";
+import { gzipSync } from "node:zlib";
+import { execa } from "execa";
+
+const root = resolve(dirname(new URL(import.meta.url).pathname), "..");
+const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as { version: string };
+const version = process.env.EGRESSD_PKG_VERSION ?? pkg.version;
+const out = join(root, "dist/packages");
+const work = join(root, "dist/pkgwork");
+const epoch = Number(process.env.SOURCE_DATE_EPOCH ?? 1_795_305_600); // reproducible timestamps
+const DOCS = [
+  "README.md",
+  "CHANGELOG.md",
+  ...readdirSync(join(root, "docs")).map((f) => `docs/${f}`),
+];
+
+function put(stage: string, path: string, content: string | Buffer, mode = 0o644): void {
+  const file = join(stage, path);
+  mkdirSync(dirname(file), { recursive: true });
+  writeFileSync(file, content);
+  chmodSync(file, mode);
+}
+
+/** The files both packages share; `layout` says where distribution-specific things go. */
+function stageCommon(stage: string, layout: { unitDir: string; zshDir: string }): void {
+  for (const prog of ["egressctl", "egressd"]) {
+    // The wrapper in /usr/bin runs the bundle with the distribution's node: no shebang needed.
+    const bundle = readFileSync(join(root, `dist/${prog}.js`), "utf8").replace(/^#!.*\n/, "");
+    put(stage, `usr/lib/egressd/${prog}.js`, bundle);
+    put(
+      stage,
+      `usr/bin/${prog}`,
+      `#!/bin/sh\nexec /usr/bin/node /usr/lib/egressd/${prog}.js "$@"\n`,
+      0o755,
+    );
+    put(
+      stage,
+      `usr/share/man/man8/${prog}.8.gz`,
+      gzipSync(readFileSync(join(root, `dist/share/man/${prog}.8`)), { level: 9 }),
+    );
+  }
+  put(
+    stage,
+    `${layout.unitDir}/egressd.service`,
+    readFileSync(join(root, "packaging/egressd.service")),
+  );
+  put(stage, "etc/egressd/egressd.json", readFileSync(join(root, "packaging/egressd.json")));
+  mkdirSync(join(stage, "etc/egressd/services.d"), { recursive: true });
+  put(
+    stage,
+    "usr/share/bash-completion/completions/egressctl",
+    readFileSync(join(root, "dist/share/completion/egressctl.bash")),
+  );
+  put(
+    stage,
+    `${layout.zshDir}/_egressctl`,
+    readFileSync(join(root, "dist/share/completion/_egressctl")),
+  );
+  for (const d of DOCS) put(stage, `usr/share/doc/egressd/${d}`, readFileSync(join(root, d)));
+}
+
+function walk(dir: string): string[] {
+  return readdirSync(dir).flatMap((e) => {
+    const p = join(dir, e);
+    return statSync(p).isDirectory() ? walk(p) : [p];
+  });
+}
+
+function rfc2822(seconds: number): string {
+  return new Date(seconds * 1000).toUTCString().replace("GMT", "+0000");
+}
+
+async function deb(): Promise<string> {
+  const stage = join(work, "deb");
+  stageCommon(stage, {
+    unitDir: "usr/lib/systemd/system",
+    zshDir: "usr/share/zsh/vendor-completions",
+  });
+  put(
+    stage,
+    "usr/share/doc/egressd/copyright",
+    readFileSync(join(root, "packaging/debian/copyright")),
+  );
+  const changelog = `egressd (${version}) unstable; urgency=medium\n\n  * Release ${version}. See /usr/share/doc/egressd/CHANGELOG.md.\n\n -- egressd maintainers <egressd@example.org>  ${rfc2822(epoch)}\n`;
+  put(stage, "usr/share/doc/egressd/changelog.gz", gzipSync(changelog, { level: 9 }));
+  const files = walk(stage);
+  const size = Math.ceil(files.reduce((n, f) => n + statSync(f).size, 0) / 1024);
+  const control = readFileSync(join(root, "packaging/debian/control.in"), "utf8")
+    .replace("@VERSION@", version)
+    .replace("@SIZE@", String(size));
+  put(stage, "DEBIAN/control", control);
+  put(stage, "DEBIAN/conffiles", "/etc/egressd/egressd.json\n");
+  for (const s of ["postinst", "prerm", "postrm"])
+    put(stage, `DEBIAN/${s}`, readFileSync(join(root, `packaging/debian/${s}`)), 0o755);
+  const md5 = files
+    .filter((f) => !relative(stage, f).startsWith("etc/"))
+    .map((f) => `${createHash("md5").update(readFileSync(f)).digest("hex")}  ${relative(stage, f)}`)
+    .join("\n");
+  put(stage, "DEBIAN/md5sums", md5 + "\n");
+  const file = join(out, `egressd_${version}_all.deb`);
+  await execa("dpkg-deb", ["--root-owner-group", "-Zxz", "--build", stage, file], {
+    env: { SOURCE_DATE_EPOCH: String(epoch) },
+  });
+  return file;
+}
+
+async function rpm(): Promise<string> {
+  const stage = join(work, "rpm-stage");
+  stageCommon(stage, { unitDir: "usr/lib/systemd/system", zshDir: "usr/share/zsh/site-functions" });
+  put(stage, "usr/share/licenses/egressd/LICENSE", readFileSync(join(root, "LICENSE")));
+  const top = join(work, "rpmbuild");
+  const date = new Date(epoch * 1000).toUTCString().split(" ");
+  const changelog = `* ${date[0]?.replace(",", "")} ${date[2]} ${date[1]} ${date[3]} egressd maintainers <egressd@example.org> - ${version}-1\n- Release ${version}; see /usr/share/doc/egressd/CHANGELOG.md`;
+  const spec = join(work, "egressd.spec");
+  writeFileSync(
+    spec,
+    readFileSync(join(root, "packaging/rpm/egressd.spec.in"), "utf8")
+      .replace("@VERSION@", version)
+      .replace("@CHANGELOG@", changelog),
+  );
+  await execa(
+    "rpmbuild",
+    [
+      "-bb",
+      "--define",
+      `_topdir ${top}`,
+      "--define",
+      `stage ${stage}`,
+      "--define",
+      "_build_id_links none",
+      "--define",
+      `source_date_epoch_from_changelog 0`,
+      spec,
+    ],
+    { env: { SOURCE_DATE_EPOCH: String(epoch) } },
+  );
+  const built = join(top, "RPMS/noarch", `egressd-${version}-1.noarch.rpm`);
+  await sign(built);
+  const file = join(out, `egressd-${version}-1.noarch.rpm`);
+  copyFileSync(built, file);
+  return file;
+}
+
+/**
+ * Signs the rpm. Release builds name their key in EGRESSD_RPM_GPG_NAME (with GNUPGHOME set);
+ * otherwise a throwaway key is made, so the package is signed as rpmlint and rpm expect.
+ */
+async function sign(file: string): Promise<void> {
+  let name = process.env.EGRESSD_RPM_GPG_NAME;
+  const env: Record<string, string> = {};
+  if (!name) {
+    name = "egressd build key <build@egressd.invalid>";
+    const home = join(work, "gnupg");
+    mkdirSync(home, { recursive: true, mode: 0o700 });
+    env.GNUPGHOME = home;
+    await execa(
+      "gpg",
+      [
+        "--batch",
+        "--pinentry-mode",
+        "loopback",
+        "--passphrase",
+        "",
+        "--quick-generate-key",
+        name,
+        "rsa3072",
+        "sign",
+        "never",
+      ],
+      { env },
+    );
+  }
+  await execa(
+    "rpmsign",
+    ["--addsign", "--define", `_gpg_name ${name}`, "--define", "__gpg /usr/bin/gpg", file],
+    { env },
+  );
+  // The public half, so the signature can be checked (rpm --import, rpmlint).
+  const key = await execa("gpg", ["--armor", "--export", name], { env });
+  writeFileSync(join(out, "egressd-rpm-key.asc"), key.stdout + "\n");
+}
+
+rmSync(work, { recursive: true, force: true });
+mkdirSync(out, { recursive: true });
+await execa(
+  process.execPath,
+  ["--import", "tsx", join(root, "scripts/manpages.ts"), join(root, "dist/share")],
+  { cwd: root, env: { SOURCE_DATE_EPOCH: String(epoch) } },
+);
+const files = [await deb(), await rpm()];
+cpSync(join(root, "packaging/egressd.service"), join(out, "egressd.service"));
+for (const f of files) console.log(`built ${relative(root, f)}`);
