@@ -153,11 +153,16 @@ export class Sandbox {
     return this.exec(process.execPath, [EGRESSCTL, ...this.pathFlags, ...args]);
   }
 
-  /** Starts egressd (the daemon) inside the namespace; resolves once its control socket is up. */
-  async startDaemon(env: Record<string, string> = {}): Promise<Daemon> {
+  /**
+   * Starts egressd (the daemon) inside the namespace; resolves once its control socket is up.
+   * `as` runs it as an unprivileged uid holding only CAP_NET_ADMIN, as the systemd unit does.
+   */
+  async startDaemon(env: Record<string, string> = {}, as?: number): Promise<Daemon> {
+    const drop = as === undefined ? [] : ["setpriv", `--reuid=${as}`, `--regid=${as}`, "--clear-groups", "--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin", "--bounding-set=-all,+net_admin"];
     const child = spawn(
       "ip",
-      ["netns", "exec", this.ns, process.execPath, EGRESSD, ...this.pathFlags],
+      ["netns", "exec", this.ns, ...drop, process.execPath, EGRESSD, ...this.pathFlags],
+
       { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } },
     );
     const d = new Daemon(child);

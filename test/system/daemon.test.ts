@@ -1,4 +1,5 @@
-import { readFileSync, writeFileSync } from "node:fs";
+import { chownSync, mkdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
+
 import { createConnection } from "node:net";
 import { join } from "node:path";
 import { suite } from "uvu";
@@ -213,6 +214,26 @@ test("a refresh that changes nothing makes no nft call; one that changes somethi
     assert.match(last, "-j -f");
     await d.waitFor((l) => l.msg === "sets updated");
     assert.is(await sb.try1(SVC_UID, "tcp", Y, 443), "connected");
+  });
+});
+
+test("egressd runs as an unprivileged user with only CAP_NET_ADMIN, as its systemd unit runs it", async () => {
+  await withSandbox({ ...WORLD, records: rotating([X], 60), config: FAST }, async (sb) => {
+    const DAEMON_UID = 64_999;
+    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
+    mkdirSync(sb.stateDir, { recursive: true });
+    chownSync(sb.stateDir, DAEMON_UID, DAEMON_UID);
+    chownSync(sb.dir, DAEMON_UID, DAEMON_UID); // where its socket goes (systemd's RuntimeDirectory=)
+    const d = await sb.startDaemon({}, DAEMON_UID);
+    assert.match(await ok(sb, "allow", "svc-web", "rot.example.test:443"), "applied by egressd");
+    assert.is(await sb.try1(SVC_UID, "tcp", X, 443), "connected");
+    assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
+    sb.setRecords(rotating([X, Y], 60));
+    assert.match(await ok(sb, "refresh"), "set element(s) changed");
+    assert.is(await sb.try1(SVC_UID, "tcp", Y, 443), "connected");
+    const state = statSync(join(sb.stateDir, "state.json"));
+    assert.is(state.uid, DAEMON_UID, "state written by the service user");
+    assert.is(d.child.exitCode, null);
   });
 });
 
