@@ -33,11 +33,14 @@ function toBigInt(addr: ipaddr.IPv4 | ipaddr.IPv6): bigint {
 
 /** Formats an integer address the way `nft` prints it. */
 export function formatAddr(family: Family, n: bigint): string {
+  if (family === 4) {
+    const v = Number(n);
+    return `${v >>> 24}.${(v >>> 16) & 255}.${(v >>> 8) & 255}.${v & 255}`;
+  }
+
   const bytes: number[] = [];
-  for (let i = BITS[family] / 8 - 1; i >= 0; i--) bytes.push(Number((n >> BigInt(i * 8)) & 0xffn));
-  return family === 4
-    ? bytes.join(".")
-    : ipaddr.fromByteArray(bytes).toString(); /* RFC 5952 compact form, as nft prints */
+  for (let i = 15; i >= 0; i--) bytes.push(Number((n >> BigInt(i * 8)) & 0xffn));
+  return ipaddr.fromByteArray(bytes).toString(); // RFC 5952 compact form, as nft prints it
 }
 
 export interface ParsedNet {

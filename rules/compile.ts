@@ -27,7 +27,14 @@ import {
   UID_SERVE,
 } from "./inbound.ts";
 import type { ChainDef, Expr, Ruleset, SetDef } from "./ruleset.ts";
-import { parseHost, parsePorts, type PortRange, type Protocol } from "./target.ts";
+import {
+  parseHost,
+  parsePorts,
+  type HostSpec,
+  type OutboundRule,
+  type PortRange,
+  type Protocol,
+} from "./target.ts";
 
 export interface ServiceInput {
   policy: ServicePolicy;
@@ -106,13 +113,30 @@ function concatSet(name: string, family: Family, allows: Allow[]): SetDef {
 }
 
 /** Allowances from literal addresses and networks, by family. */
+type ParsedRule = { host: HostSpec; protocol: Protocol; ports: PortRange };
+const parsedRules = new WeakMap<readonly OutboundRule[], ParsedRule[]>();
+
+/** A policy's outbound rules, parsed once per policy object (compiling parses each rule several times otherwise). */
+function parsed(policy: ServicePolicy): ParsedRule[] {
+  let rules = parsedRules.get(policy.outbound);
+  if (!rules) {
+    rules = [];
+    for (const o of policy.outbound) {
+      const host = parseHost(o.host);
+      const ports = parsePorts(o.ports);
+      if (!("error" in host) && !("error" in ports))
+        rules.push({ host, protocol: o.protocol, ports });
+    }
+    parsedRules.set(policy.outbound, rules);
+  }
+  return rules;
+}
+
 function literalAllows(policy: ServicePolicy): Record<Family, Allow[]> {
   const out: Record<Family, Allow[]> = { 4: [], 6: [] };
-  for (const o of policy.outbound) {
-    const host = parseHost(o.host);
-    const ports = parsePorts(o.ports);
-    if ("error" in host || "error" in ports || host.kind !== "net") continue;
-    out[host.family].push({ range: host.range, protocol: o.protocol, ports });
+  for (const r of parsed(policy)) {
+    if (r.host.kind === "net")
+      out[r.host.family].push({ range: r.host.range, protocol: r.protocol, ports: r.ports });
   }
   return out;
 }
@@ -122,12 +146,9 @@ export function domainAllowances(
   policy: ServicePolicy,
 ): { name: string; protocol: Protocol; ports: PortRange }[] {
   const out = [];
-  for (const o of policy.outbound) {
-    const host = parseHost(o.host);
-    const ports = parsePorts(o.ports);
-    if ("error" in host || "error" in ports || host.kind !== "domain") continue;
-    out.push({ name: host.name, protocol: o.protocol, ports });
-  }
+  for (const r of parsed(policy))
+    if (r.host.kind === "domain")
+      out.push({ name: r.host.name, protocol: r.protocol, ports: r.ports });
   return out;
 }
 

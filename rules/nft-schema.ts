@@ -109,7 +109,7 @@ const schema = {
       ],
     },
     verdict: {
-      oneOf: [
+      anyOf: [
         obj({ accept: { type: "null" } }),
         obj({ drop: { type: "null" } }),
         obj({ goto: obj({ target: NAME }) }),
@@ -241,7 +241,7 @@ const schema = {
       ],
     },
     stmt: {
-      oneOf: [
+      anyOf: [
         obj({
           match: obj({
             op: { enum: ["==", "!=", "in"] },
@@ -290,7 +290,7 @@ const schema = {
       ],
     },
     addObject: {
-      oneOf: [
+      anyOf: [
         obj({ table: { $ref: "#/$defs/table" } }),
         obj({ chain: { $ref: "#/$defs/chain" } }),
         obj({ set: { $ref: "#/$defs/set" } }),
@@ -301,13 +301,13 @@ const schema = {
       ],
     },
     deleteObject: {
-      oneOf: [
+      anyOf: [
         obj({ table: { $ref: "#/$defs/table" } }),
         obj({ element: { $ref: "#/$defs/element" } }),
       ],
     },
     command: {
-      oneOf: [
+      anyOf: [
         obj({ add: { $ref: "#/$defs/addObject" } }),
         obj({ delete: { $ref: "#/$defs/deleteObject" } }),
       ],
@@ -315,13 +315,27 @@ const schema = {
   },
 };
 
-const batchValidator = lazy(() => new Ajv2020({ allErrors: true, strict: true }).compile(schema));
+// Every union's branches are told apart by their one key (additionalProperties: false), so
+// anyOf accepts exactly what oneOf would, and stops at the first match. The fast validator
+// stops at the first error; only a failing batch is checked again to report every complaint.
+const batchValidator = lazy(() =>
+  new Ajv2020({
+    allErrors: false,
+    strict: true,
+    inlineRefs: false,
+    code: { optimize: false },
+  }).compile(schema),
+);
+const reportingValidator = lazy(() =>
+  new Ajv2020({ allErrors: true, strict: true }).compile(schema),
+);
 
 /** Throws ERR_EGRESS_NFT_SCHEMA (an internal error) when a batch strays from the schema. */
 export function validateBatch(batch: unknown): asserts batch is Batch {
-  const check = batchValidator();
-  if (check(batch)) return;
-  // Inside oneOf every branch complains; the deepest complaint is the one that names the mistake.
+  if (batchValidator()(batch)) return;
+  const check = reportingValidator();
+  check(batch);
+  // Inside a union every branch complains; the deepest complaint is the one that names the mistake.
   const first = [...(check.errors ?? [])].sort(
     (a, b) => b.instancePath.length - a.instancePath.length,
   )[0];

@@ -160,7 +160,7 @@ export const CONFIG_SCHEMA = {
   },
 } as const;
 
-const ajv = lazy(() => new Ajv({ allErrors: true, strict: true }));
+const ajv = lazy(() => new Ajv({ allErrors: true, strict: true, code: { optimize: false } }));
 const serviceValidator = lazy(() => ajv().compile(SERVICE_SCHEMA));
 const configValidator = lazy(() => ajv().compile(CONFIG_SCHEMA));
 

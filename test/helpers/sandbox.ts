@@ -61,7 +61,7 @@ export type Records = Record<
 >;
 
 export interface Attempt {
-  proto: "tcp" | "udp" | "dns";
+  proto: "tcp" | "udp" | "dns" | "tcp-rate";
   host: string;
   port: number;
   name?: string;
@@ -158,7 +158,18 @@ export class Sandbox {
    * `as` runs it as an unprivileged uid holding only CAP_NET_ADMIN, as the systemd unit does.
    */
   async startDaemon(env: Record<string, string> = {}, as?: number): Promise<Daemon> {
-    const drop = as === undefined ? [] : ["setpriv", `--reuid=${as}`, `--regid=${as}`, "--clear-groups", "--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin", "--bounding-set=-all,+net_admin"];
+    const drop =
+      as === undefined
+        ? []
+        : [
+            "setpriv",
+            `--reuid=${as}`,
+            `--regid=${as}`,
+            "--clear-groups",
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            "--bounding-set=-all,+net_admin",
+          ];
     const child = spawn(
       "ip",
       ["netns", "exec", this.ns, ...drop, process.execPath, EGRESSD, ...this.pathFlags],

@@ -1,0 +1,476 @@
+/**
+ * egressd benchmarks (`npm run bench [-- --quick]`), as root, in throwaway network namespaces.
+ * Every figure is the median of several runs next to a baseline measured in the same run; the
+ * full run writes docs/performance.md, the quick one dist/bench/performance-quick.md.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpus, totalmem } from "node:os";
+import { join } from "node:path";
+import { execa } from "execa";
+import { serviceToJSON, type ServicePolicy } from "../rules/policy.ts";
+import { ROOT, Sandbox, type Daemon } from "../test/helpers/sandbox.ts";
+import { FIRST_UID, naiveRuleset, services } from "./workloads.ts";
+
+const quick = process.argv.includes("--quick");
+const P = quick
+  ? {
+      sizes: [1, 100],
+      connSizes: [1, 100],
+      pktRuns: 3,
+      pktSecs: 1,
+      applySizes: [100, 1000],
+      applyRuns: 2,
+      names: 100,
+      cliRuns: 10,
+      idleSecs: 3,
+    }
+  : {
+      sizes: [1, 100, 1000, 10_000],
+      connSizes: [1, 10_000],
+      pktRuns: 5,
+      pktSecs: 2,
+      applySizes: [1000, 10_000],
+      applyRuns: 3,
+      names: 1000,
+      cliRuns: 50,
+      idleSecs: 10,
+    };
+
+const DEST = "192.0.2.10";
+const IPERF_PORT = 5201;
+const CONN_PORT = 8080;
+const EXTRA = [
+  { host: DEST, port: IPERF_PORT },
+  { host: DEST, port: CONN_PORT },
+];
+
+interface Row {
+  section: string;
+  what: string;
+  value: number;
+  unit: string;
+  baseline?: { what: string; value: number };
+  /** value / baseline, or baseline / value when lower is better (so above 1 is worse). */
+  ratio?: number;
+  target?: string;
+  meets?: boolean;
+}
+const rows: Row[] = [];
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
+};
+const p95 = (xs: number[]) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.ceil(xs.length * 0.95) - 1)] as number;
+const fmt = (n: number) =>
+  n >= 100 ? Math.round(n).toLocaleString("en-US") : n >= 10 ? n.toFixed(1) : n.toFixed(2);
+const log = (s: string) => process.stdout.write(`${s}\n`);
+
+async function timed(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = performance.now();
+  await fn();
+  return performance.now() - t0;
+}
+
+/** Writes policy files directly (the store's fsync per file is not what is being measured). */
+function writePolicies(sb: Sandbox, list: readonly ServicePolicy[]): void {
+  const dir = join(sb.configDir, "services.d");
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  for (const p of list) writeFileSync(join(dir, `${p.name}.json`), serviceToJSON(p));
+}
+
+async function ctl(sb: Sandbox, ...args: string[]): Promise<void> {
+  const r = await sb.egressctl(...args);
+  if (r.exitCode !== 0) throw new Error(`egressctl ${args.join(" ")}: ${r.stderr}`);
+}
+
+// ---------------------------------------------------------------- packet path
+
+async function udpRate(sb: Sandbox, uid: number): Promise<number> {
+  const rates: number[] = [];
+  for (let i = 0; i < P.pktRuns; i++) {
+    const r = await sb.exec("setpriv", [
+      `--reuid=${uid}`,
+      `--regid=${uid}`,
+      "--clear-groups",
+      "iperf3",
+      "-c",
+      DEST,
+      "-p",
+      String(IPERF_PORT),
+      "-u",
+      "-l",
+      "16",
+      "-b",
+      "0",
+      "-t",
+      String(P.pktSecs),
+      "--json",
+    ]);
+    const j = JSON.parse(r.stdout) as {
+      end?: { sum?: { packets: number; seconds: number } };
+      error?: string;
+    };
+    if (!j.end?.sum) throw new Error(`iperf3 as uid ${uid}: ${j.error ?? r.stderr}`);
+    rates.push(j.end.sum.packets / j.end.sum.seconds);
+  }
+  return median(rates);
+}
+
+async function connRate(sb: Sandbox, uid: number): Promise<number> {
+  const rates: number[] = [];
+  for (let i = 0; i < P.pktRuns; i++) {
+    const [r] = await sb.probe(uid, [
+      { proto: "tcp-rate", host: DEST, port: CONN_PORT, timeoutMs: P.pktSecs * 1000 },
+    ]);
+    const m = /^rate:(\d+)$/.exec(r?.result ?? "");
+    if (!m) throw new Error(`connection rate as uid ${uid}: ${r?.result}`);
+    rates.push(Number(m[1]));
+  }
+  return median(rates);
+}
+
+async function packetPath(): Promise<void> {
+  log(
+    "\n== packet path: 16-byte UDP packets per second (iperf3) and new TCP connections per second",
+  );
+  const sb = await Sandbox.create({
+    addresses: [DEST],
+    listen: [{ proto: "tcp", host: DEST, port: CONN_PORT }],
+    config: { resolvers: [] },
+  });
+  const iperf: ChildProcess = spawn(
+    "ip",
+    ["netns", "exec", sb.ns, "iperf3", "-s", "-B", DEST, "-p", String(IPERF_PORT)],
+    { stdio: "ignore" },
+  );
+  try {
+    await new Promise((r) => setTimeout(r, 500));
+    const none = await udpRate(sb, FIRST_UID);
+    const noneConn = await connRate(sb, FIRST_UID);
+    log(`   no ruleset: ${fmt(none)} packets/s, ${fmt(noneConn)} connections/s`);
+    for (const n of P.sizes) {
+      const uid = FIRST_UID + n - 1;
+      writePolicies(sb, services(n, EXTRA));
+      await ctl(sb, "apply");
+      const ours = await udpRate(sb, uid);
+      const oursConn = P.connSizes.includes(n) ? await connRate(sb, uid) : null;
+      await sb.nft("delete", "table", "inet", "egressd");
+      await sb.nftScript(naiveRuleset(n, EXTRA));
+      const naive = await udpRate(sb, uid);
+      await sb.nft("delete", "table", "inet", "naive");
+      log(
+        `   ${n} services: egressd ${fmt(ours)} packets/s (${fmt((ours / none) * 100)}% of none), naive ${fmt(naive)} (${fmt((naive / none) * 100)}%)`,
+      );
+      rows.push({
+        section: "Packet path",
+        what: `UDP packets/s, ${n.toLocaleString("en-US")} service(s), egressd`,
+        value: ours,
+        unit: "packets/s",
+        baseline: { what: "no ruleset", value: none },
+        ratio: ours / none,
+        ...(n === Math.max(...P.sizes)
+          ? { target: ">= 90% of no ruleset", meets: ours / none >= 0.9 }
+          : {}),
+      });
+      rows.push({
+        section: "Packet path",
+        what: `UDP packets/s, ${n.toLocaleString("en-US")} service(s), naive one rule per uid and destination`,
+        value: naive,
+        unit: "packets/s",
+        baseline: { what: "no ruleset", value: none },
+        ratio: naive / none,
+      });
+      if (oursConn !== null) {
+        rows.push({
+          section: "Packet path",
+          what: `new TCP connections/s, ${n.toLocaleString("en-US")} service(s), egressd`,
+          value: oursConn,
+          unit: "conn/s",
+          baseline: { what: "no ruleset", value: noneConn },
+          ratio: oursConn / noneConn,
+        });
+      }
+    }
+  } finally {
+    iperf.kill();
+    await sb.destroy();
+  }
+}
+
+// ---------------------------------------------------------------- apply
+
+async function apply(): Promise<void> {
+  log(
+    "\n== apply: egressctl apply (whole table, literal addresses) against nft -f of the same ruleset",
+  );
+  const sb = await Sandbox.create({ config: { resolvers: [] } });
+  try {
+    for (const n of P.applySizes) {
+      writePolicies(sb, services(n));
+      const ours: number[] = [];
+      for (let i = 0; i < P.applyRuns; i++) ours.push(await timed(() => ctl(sb, "apply")));
+      // The same table in nft's text syntax, replaced the same way (delete, then load).
+      const text = await sb.nft("list", "table", "inet", "egressd");
+      const file = join(sb.dir, "same.nft");
+      writeFileSync(file, `delete table inet egressd\n${text}\n`);
+      const raw: number[] = [];
+      for (let i = 0; i < P.applyRuns; i++) {
+        raw.push(
+          await timed(async () => {
+            const r = await sb.exec("nft", ["-f", file]);
+            if (r.exitCode !== 0) throw new Error(r.stderr);
+          }),
+        );
+      }
+      const m = median(ours);
+      const b = median(raw);
+      log(`   ${n} services: egressctl apply ${fmt(m)} ms, nft -f ${fmt(b)} ms (x${fmt(m / b)})`);
+      rows.push({
+        section: "Apply",
+        what: `egressctl apply, ${n.toLocaleString("en-US")} services`,
+        value: m,
+        unit: "ms",
+        baseline: { what: "nft -f, same ruleset", value: b },
+        ratio: m / b,
+        target: "<= 1.5x nft -f",
+        meets: m / b <= 1.5,
+      });
+    }
+  } finally {
+    await sb.destroy();
+  }
+}
+
+// ---------------------------------------------------------------- refresh, footprint, CLI
+
+function records(count: number, salt: number): Record<string, { A: string[]; ttl: number }> {
+  const out: Record<string, { A: string[]; ttl: number }> = {};
+  for (let i = 0; i < count; i++) {
+    const k = 2 + (i % 3);
+    out[`n${i}.bench.test`] = {
+      A: Array.from(
+        { length: k },
+        (_, j) =>
+          `203.0.${113 + (((i * 4 + j + salt) >> 8) % 2)}.${((i * 4 + j + salt) % 254) + 1}`,
+      ),
+      ttl: 3600,
+    };
+  }
+  return out;
+}
+
+function procStat(pid: number): { cpuTicks: number; rssKiB: number } {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  const cpuTicks = Number(fields[11]) + Number(fields[12]);
+  const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+  return { cpuTicks, rssKiB: Number(rss?.[1]) };
+}
+
+async function daemonSide(): Promise<void> {
+  const n = P.names;
+  log(
+    `\n== daemon: resolve and apply ${n} names, refreshes, footprint, CLI round trip (${n} services)`,
+  );
+  const sb = await Sandbox.create({
+    records: records(n, 0),
+    config: { resolvers: ["127.0.0.1:53"] },
+  });
+  let d: Daemon | null = null;
+  try {
+    const calls = join(sb.dir, "nft-calls");
+    writeFileSync(calls, "");
+    const wrapper = join(sb.dir, "nft-counting");
+    writeFileSync(wrapper, `#!/bin/sh\necho "$*" >> ${calls}\nexec nft "$@"\n`, { mode: 0o755 });
+    const count = () => readFileSync(calls, "utf8").split("\n").filter(Boolean).length;
+    const plain = services(n).map((p) => ({ ...p, outbound: [] }));
+    writePolicies(sb, plain);
+    d = await sb.startDaemon({ EGRESSD_NFT: wrapper });
+
+    // n services, one name each: the reload resolves every new name, then applies.
+    writePolicies(
+      sb,
+      plain.map((p, i) => ({
+        ...p,
+        outbound: [{ host: `n${i}.bench.test`, ports: "443", protocol: "tcp" as const }],
+      })),
+    );
+    const resolveApply = await timed(() => ctl(sb, "apply"));
+    log(`   resolve ${n} names (2-4 addresses each) and apply: ${fmt(resolveApply)} ms`);
+    rows.push({
+      section: "Refresh",
+      what: `resolve ${n} names and apply (daemon)`,
+      value: resolveApply,
+      unit: "ms",
+      target: "< 1 s",
+      meets: resolveApply < 1000,
+    });
+
+    const c0 = count();
+    const noChange = await timed(() => ctl(sb, "refresh"));
+    const noChangeCalls = count() - c0;
+    log(`   refresh, nothing changed: ${fmt(noChange)} ms, ${noChangeCalls} nft calls`);
+    rows.push({
+      section: "Refresh",
+      what: `re-resolve ${n} names, nothing changed`,
+      value: noChange,
+      unit: "ms",
+    });
+    rows.push({
+      section: "Refresh",
+      what: "nft calls for a refresh that changed nothing",
+      value: noChangeCalls,
+      unit: "calls",
+      target: "0",
+      meets: noChangeCalls === 0,
+    });
+
+    const changed = records(n, 0);
+    const step = Math.max(1, Math.round(n / 100));
+    for (let i = 0; i < n; i += step)
+      changed[`n${i}.bench.test`] = { A: [`198.51.100.${(i % 250) + 1}`], ttl: 3600 };
+    sb.setRecords(changed);
+    const c1 = count();
+    const onePct = await timed(() => ctl(sb, "refresh"));
+    const onePctCalls = count() - c1;
+    log(`   refresh, 1% of names changed: ${fmt(onePct)} ms, ${onePctCalls} nft call(s)`);
+    rows.push({
+      section: "Refresh",
+      what: `re-resolve ${n} names, 1% changed`,
+      value: onePct,
+      unit: "ms",
+    });
+    rows.push({
+      section: "Refresh",
+      what: "nft calls for a refresh where 1% changed",
+      value: onePctCalls,
+      unit: "calls",
+      target: "1 (one transaction)",
+      meets: onePctCalls === 1,
+    });
+
+    const pid = d.child.pid as number;
+    const before = procStat(pid);
+    await new Promise((r) => setTimeout(r, P.idleSecs * 1000));
+    const after = procStat(pid);
+    const ticks = Number((await execa("getconf", ["CLK_TCK"])).stdout) || 100;
+    const cpuPct = ((after.cpuTicks - before.cpuTicks) / ticks / P.idleSecs) * 100;
+    log(`   idle: ${fmt(after.rssKiB / 1024)} MiB resident, ${fmt(cpuPct)}% CPU`);
+    rows.push({
+      section: "Footprint",
+      what: `daemon resident memory, idle, ${n} services and ${n} names`,
+      value: after.rssKiB / 1024,
+      unit: "MiB",
+      target: "< 100 MB",
+      meets: after.rssKiB / 1024 < 100,
+    });
+    rows.push({
+      section: "Footprint",
+      what: `daemon CPU while idle (${P.idleSecs} s)`,
+      value: cpuPct,
+      unit: "% of a core",
+    });
+
+    const startup: number[] = [];
+    for (let i = 0; i < Math.min(P.cliRuns, 20); i++)
+      startup.push(await timed(() => sb.egressctl("--version")));
+    const rt: number[] = [];
+    for (let i = 0; i < P.cliRuns; i++)
+      rt.push(
+        await timed(() => ctl(sb, "allow", "bench-0", `192.0.2.${(i % 250) + 1}:${1000 + i}`)),
+      );
+    const m = median(rt);
+    log(
+      `   egressctl allow with the daemon running: median ${fmt(m)} ms, p95 ${fmt(p95(rt))} ms (egressctl --version: ${fmt(median(startup))} ms)`,
+    );
+    rows.push({
+      section: "CLI",
+      what: `egressctl allow round trip, median (${P.cliRuns} runs, ${n} services)`,
+      value: m,
+      unit: "ms",
+      baseline: { what: "egressctl --version", value: median(startup) },
+      ratio: m / median(startup),
+      target: "< 300 ms",
+      meets: m < 300,
+    });
+    rows.push({
+      section: "CLI",
+      what: `egressctl allow round trip, p95`,
+      value: p95(rt),
+      unit: "ms",
+    });
+  } finally {
+    await d?.stop();
+    await sb.destroy();
+  }
+}
+
+// ---------------------------------------------------------------- report
+
+async function machine(): Promise<string[]> {
+  const v = async (cmd: string, args: string[]) =>
+    (await execa(cmd, args, { reject: false })).stdout.split("\n")[0] ?? "";
+  return [
+    `- date: ${new Date().toISOString().slice(0, 16).replace("T", " ")} UTC; mode: ${quick ? "quick" : "full"}`,
+    `- machine: ${cpus()[0]?.model ?? "?"}, ${cpus().length} cores, ${Math.round(totalmem() / 2 ** 30)} GiB`,
+    `- kernel: ${await v("uname", ["-r"])}; ${await v("nft", ["--version"])}; Node.js ${process.version}; ${await v("iperf3", ["--version"])}`,
+  ];
+}
+
+function table(): string[] {
+  const out: string[] = [];
+  for (const section of [...new Set(rows.map((r) => r.section))]) {
+    out.push(
+      "",
+      `### ${section}`,
+      "",
+      "| figure | median | baseline (same run) | ratio | target | met |",
+      "|---|---|---|---|---|---|",
+    );
+    for (const r of rows.filter((x) => x.section === section)) {
+      out.push(
+        `| ${r.what} | ${fmt(r.value)} ${r.unit} | ${r.baseline ? `${r.baseline.what}: ${fmt(r.baseline.value)}` : ""} | ${r.ratio !== undefined ? fmt(r.ratio) : ""} | ${r.target ?? ""} | ${r.meets === undefined ? "" : r.meets ? "yes" : "**no**"} |`,
+      );
+    }
+  }
+  return out;
+}
+
+const started = Date.now();
+await packetPath();
+await apply();
+await daemonSide();
+const report = [
+  "# Performance",
+  "",
+  `Generated by \`npm run bench${quick ? " -- --quick" : ""}\` (bench/run.ts). Every figure is the median of several runs (packet path: ${P.pktRuns} runs of ${P.pktSecs} s; apply: ${P.applyRuns}; CLI: ${P.cliRuns}), measured in throwaway network namespaces next to its baseline in the same run. Ratios are figure / baseline.`,
+  "",
+  ...(await machine()),
+  ...table(),
+  "",
+];
+const target = quick
+  ? join(ROOT, "dist/bench/performance-quick.md")
+  : join(ROOT, "docs/performance.md");
+mkdirSync(join(target, ".."), { recursive: true });
+const notes = quick ? "" : readNotes();
+writeFileSync(target, report.join("\n") + notes);
+log(
+  `\n${table().join("\n")}\n\nwrote ${target.replace(ROOT + "/", "")} in ${Math.round((Date.now() - started) / 1000)} s`,
+);
+
+/** Hand-written analysis kept below the generated part of docs/performance.md. */
+function readNotes(): string {
+  try {
+    const old = readFileSync(join(ROOT, "docs/performance.md"), "utf8");
+    const i = old.indexOf("\n## Analysis");
+    return i === -1 ? "" : old.slice(i);
+  } catch {
+    return "";
+  }
+}
