@@ -150,6 +150,13 @@ async function packetPath(): Promise<void> {
   );
   try {
     await new Promise((r) => setTimeout(r, 500));
+    // The UDP stream is untracked, in every configuration: otherwise its packets would be
+    // "established" after iperf3's handshake and accepted by the first rule, whatever the
+    // ruleset. Untracked, every packet walks the uid dispatch (or the naive rule list).
+    await sb.nftScript(
+      "table inet bench_notrack {\n chain out {\n  type filter hook output priority raw; policy accept;\n  udp dport " +
+        IPERF_PORT + " notrack\n  udp sport " + IPERF_PORT + " notrack\n }\n}\n",
+    );
     const none = await udpRate(sb, FIRST_UID);
     const noneConn = await connRate(sb, FIRST_UID);
     log(`   no ruleset: ${fmt(none)} packets/s, ${fmt(noneConn)} connections/s`);

@@ -27,6 +27,6 @@ if [ ${#need[@]} -gt 0 ]; then
     exit 3
   fi
 fi
-if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ] || [ -n "${CI:-}" ]; then
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
