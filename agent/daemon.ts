@@ -8,13 +8,14 @@ import { createHash } from "node:crypto";
 import type { Logger } from "pino";
 import { replaceBatch } from "../rules/batch.ts";
 import {
+  checkDistinctOwners,
   compile,
   domainAllowances,
   serviceObject,
   type ResolverAddr,
   type ServiceInput,
 } from "../rules/compile.ts";
-
+import { checkInboundOverlap } from "../rules/inbound.ts";
 import { deltaCommands, elementDelta, type SetChange } from "../rules/delta.ts";
 import { diff, type Finding } from "../rules/diff.ts";
 import { parseLive } from "../rules/live.ts";
@@ -155,8 +156,10 @@ export class Daemon {
     const policies = await store.loadServices();
     const services = await resolvePrincipals(policies, users, (n) => store.serviceFile(n));
     const resolvers = await configuredResolvers(config);
-    // Compile once now so a policy that cannot compile (two services, one uid) is refused here.
-    compile({ table: config.table, resolvers, services, resolutions: new Map() });
+    // What could stop the compiler is checked here, so a bad policy is refused before anything changes.
+    checkDistinctOwners(services);
+    checkInboundOverlap(policies);
+
     return { config, policies, services, resolvers, resolver: this.deps.resolver(resolvers) };
   }
 

@@ -155,7 +155,10 @@ async function packetPath(): Promise<void> {
     // ruleset. Untracked, every packet walks the uid dispatch (or the naive rule list).
     await sb.nftScript(
       "table inet bench_notrack {\n chain out {\n  type filter hook output priority raw; policy accept;\n  udp dport " +
-        IPERF_PORT + " notrack\n  udp sport " + IPERF_PORT + " notrack\n }\n}\n",
+        IPERF_PORT +
+        " notrack\n  udp sport " +
+        IPERF_PORT +
+        " notrack\n }\n}\n",
     );
     const none = await udpRate(sb, FIRST_UID);
     const noneConn = await connRate(sb, FIRST_UID);

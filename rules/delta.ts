@@ -6,13 +6,20 @@
 import { elementCommands, type Command } from "./batch.ts";
 import { stableKey, type Ruleset } from "./ruleset.ts";
 
+const structures = new WeakMap<Ruleset, string>();
+
+/** Everything but set elements, as one key; remembered per Ruleset (the daemon compares each one twice). */
 function structure(r: Ruleset): string {
-  return stableKey({
+  const known = structures.get(r);
+  if (known !== undefined) return known;
+  const key = stableKey({
     table: r.table,
     counters: r.counters,
     chains: r.chains,
     sets: r.sets.map((s) => ({ ...s, elem: undefined })),
   });
+  structures.set(r, key);
+  return key;
 }
 
 export interface SetChange {
@@ -25,9 +32,12 @@ export interface SetChange {
 export function elementDelta(before: Ruleset, after: Ruleset): SetChange[] | null {
   if (structure(before) !== structure(after)) return null;
   const out: SetChange[] = [];
+  const byName = new Map(before.sets.map((s) => [s.name, s]));
   for (const s of after.sets) {
-    const old = before.sets.find((x) => x.name === s.name);
+    const old = byName.get(s.name);
     if (!old) return null;
+    if (old.elem.length === s.elem.length && JSON.stringify(old.elem) === JSON.stringify(s.elem))
+      continue;
     const oldKeys = new Set(old.elem.map(stableKey));
     const newKeys = new Set(s.elem.map(stableKey));
     const removed = old.elem.filter((e) => !newKeys.has(stableKey(e)));
