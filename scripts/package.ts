@@ -18,6 +18,7 @@ import { createHash } from "node:crypto";
 import { dirname, join, relative, resolve } from "node:path";
 import { gzipSync } from "node:zlib";
 import { execa } from "execa";
+import { DAEMON_NODE_FLAGS } from "../agent/paths.ts";
 
 const root = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as { version: string };
@@ -47,7 +48,7 @@ function stageCommon(stage: string, layout: { unitDir: string; zshDir: string })
     put(
       stage,
       `usr/bin/${prog}`,
-      `#!/bin/sh\nexec /usr/bin/node /usr/lib/egressd/${prog}.js "$@"\n`,
+      `#!/bin/sh\nexec /usr/bin/node ${prog === "egressd" ? `${DAEMON_NODE_FLAGS.join(" ")} ` : ""}/usr/lib/egressd/${prog}.js "$@"\n`,
       0o755,
     );
     put(

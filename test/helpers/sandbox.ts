@@ -18,6 +18,7 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { build } from "esbuild";
 import { execa } from "execa";
+import { DAEMON_NODE_FLAGS } from "../../agent/paths.ts";
 
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
 export const EGRESSCTL = join(ROOT, "dist/egressctl.js");
@@ -172,7 +173,16 @@ export class Sandbox {
           ];
     const child = spawn(
       "ip",
-      ["netns", "exec", this.ns, ...drop, process.execPath, EGRESSD, ...this.pathFlags],
+      [
+        "netns",
+        "exec",
+        this.ns,
+        ...drop,
+        process.execPath,
+        ...DAEMON_NODE_FLAGS,
+        EGRESSD,
+        ...this.pathFlags,
+      ],
 
       { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } },
     );
