@@ -1,5 +1,5 @@
 /** The daemon's state dir: last-known resolutions and the last applied ruleset's digest, written atomically. */
-import { mkdir, readFile } from "node:fs/promises";
+import { mkdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import writeFileAtomic from "write-file-atomic";
 
@@ -38,8 +38,17 @@ export class StateStore {
     }
   }
 
+  /**
+   * Writes the state atomically, owned by the state dir's owner: when root runs a one-shot
+   * `egressctl apply`, the daemon (its own unprivileged user under systemd) can still read it.
+   */
   async save(state: SavedState): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
-    await writeFileAtomic(this.file, JSON.stringify(state) + "\n", { mode: 0o600, fsync: true });
+    const owner = await stat(this.dir);
+    await writeFileAtomic(this.file, JSON.stringify(state) + "\n", {
+      mode: 0o600,
+      fsync: true,
+      ...(process.getuid?.() === 0 ? { chown: { uid: owner.uid, gid: owner.gid } } : {}),
+    });
   }
 }

@@ -224,7 +224,17 @@ test("egressd runs as an unprivileged user with only CAP_NET_ADMIN, as its syste
     mkdirSync(sb.stateDir, { recursive: true });
     chownSync(sb.stateDir, DAEMON_UID, DAEMON_UID);
     chownSync(sb.dir, DAEMON_UID, DAEMON_UID); // where its socket goes (systemd's RuntimeDirectory=)
+    // A one-shot apply by root first: the state it saves must stay readable by the daemon's user.
+    await ok(sb, "allow", "svc-web", `${DB}:5432`);
+    await ok(sb, "apply");
+    assert.is(
+      statSync(join(sb.stateDir, "state.json")).uid,
+      DAEMON_UID,
+      "root's one-shot apply keeps the state dir owner's file",
+    );
     const d = await sb.startDaemon({}, DAEMON_UID);
+    await d.waitFor((l) => l.msg === "applied from saved state, before any DNS query");
+
     assert.match(await ok(sb, "allow", "svc-web", "rot.example.test:443"), "applied by egressd");
     assert.is(await sb.try1(SVC_UID, "tcp", X, 443), "connected");
     assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
