@@ -83,6 +83,8 @@ export class Daemon {
   /** Why the policy on disk is not the one enforced (null when it is). */
   loadError: EgressError | null = null;
   private digest: string | null = null;
+  /** Last-known resolutions read at start-up, kept until a policy loads. */
+  private savedNames: unknown = undefined;
 
   constructor(private readonly deps: DaemonDeps) {
     this.startedAt = deps.clock();
@@ -90,11 +92,6 @@ export class Daemon {
 
   get config(): DaemonConfig | null {
     return this.loaded?.config ?? null;
-  }
-
-  /** The table as last applied (for the audit). */
-  get desired(): Ruleset | null {
-    return this.applied;
   }
 
   /** Runs `fn` after everything queued before it. */
@@ -111,6 +108,7 @@ export class Daemon {
   async start(): Promise<void> {
     const { log, clock } = this.deps;
     const saved = await this.deps.state.load();
+    this.savedNames = saved.state?.names;
     if (saved.problem)
       log.warn(
         { code: "ERR_EGRESS_STATE", problem: saved.problem },
@@ -372,7 +370,8 @@ export class Daemon {
     return this.serial(async () => {
       if (!(await this.load())) throw this.loadError;
       const l = this.loaded as Loaded;
-      if (!this.names) this.names = new NameTable(l.config.refresh);
+      // First successful load after a start that could not load: begin from the saved state.
+      if (!this.names) this.names = NameTable.fromJSON(this.savedNames, l.config.refresh);
       const { added } = this.names.track(this.policyNames(), this.deps.clock());
       if (added.length) await this.resolve(added);
       const summary = await this.commit();
