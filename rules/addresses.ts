@@ -12,13 +12,6 @@ export interface AddrRange {
 
 const BITS: Record<Family, number> = { 4: 32, 6: 128 };
 
-/** True for a dotted-quad IPv4 address or any valid IPv6 address (no zone). */
-export function isIpLiteral(text: string): boolean {
-  return (
-    ipaddr.IPv4.isValidFourPartDecimal(text) || (ipaddr.IPv6.isValid(text) && !text.includes("%"))
-  );
-}
-
 function parseStrict(text: string): ipaddr.IPv4 | ipaddr.IPv6 | null {
   if (ipaddr.IPv4.isValidFourPartDecimal(text)) return ipaddr.IPv4.parse(text);
   if (!text.includes("%") && ipaddr.IPv6.isValid(text)) return ipaddr.IPv6.parse(text);

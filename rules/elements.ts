@@ -3,7 +3,7 @@
  * disjoint boxes (the kernel rejects overlapping interval elements) and rendering them
  * in the exact form `nft -j list` prints, so listings compare equal (pure).
  */
-import { formatAddr, prefixLength, type AddrRange, type Family } from "./addresses.ts";
+import { formatAddr, prefixLength, type AddrRange } from "./addresses.ts";
 import type { PortRange, Protocol } from "./target.ts";
 
 export interface Allow {
@@ -113,9 +113,4 @@ export function elementText(e: unknown): string {
   };
   if (Array.isArray(e)) return `${part(e[0])} : ${JSON.stringify(e[1])}`;
   return part(e);
-}
-
-/** A single-address allowance. */
-export function hostAllow(family: Family, n: bigint, protocol: Protocol, ports: PortRange): Allow {
-  return { range: { family, lo: n, hi: n }, protocol, ports };
 }

@@ -23,7 +23,7 @@ export function parseLive(listing: unknown, table: string): Ruleset | null {
   const ruleset: Ruleset = { family: "inet", table, counters: [], sets: [], chains: [] };
   const chains = new Map<string, ChainDef>();
   let found = false;
-  const mine = (o: Obj) => o.family === "inet" && (o.table === table || o.name === table);
+  const mine = (o: Obj) => o.family === "inet" && o.table === table;
   for (const item of items) {
     const [kind, value] = Object.entries(item)[0] ?? [];
     const o = value as Obj | undefined;

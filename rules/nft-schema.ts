@@ -350,5 +350,3 @@ export function validateBatch(batch: unknown): asserts batch is Batch {
     },
   );
 }
-
-export const NFT_BATCH_SCHEMA = schema;
