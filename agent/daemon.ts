@@ -21,14 +21,14 @@ import { diff, type Finding } from "../rules/diff.ts";
 import { parseLive } from "../rules/live.ts";
 import { EgressError } from "../rules/errors.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
-import type { PolicyStore } from "../rules/policy-store.fs.ts";
+import type { PolicyStore } from "./store/policy-store.fs.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
 import { auditTable, resolvePrincipals } from "./apply.ts";
-import { resolveAll, type Resolver } from "./dns.resolver.ts";
-import { NameTable } from "./names.ts";
-import type { Nft } from "./nft.exec.ts";
-import { configuredResolvers } from "./resolvers.fs.ts";
-import type { StateStore } from "./state.fs.ts";
+import { resolveAll, type Resolver } from "./dns/dns.client.ts";
+import { NameTable } from "./dns/names.ts";
+import type { Nft } from "./nft/nft.exec.ts";
+import { configuredResolvers } from "./dns/resolvers.fs.ts";
+import type { StateStore } from "./store/state.fs.ts";
 import type { Users } from "./users.sys.ts";
 
 export interface DaemonDeps {

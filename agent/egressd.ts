@@ -8,16 +8,16 @@ import cron, { type ScheduledTask } from "node-cron";
 import { pino, type Logger } from "pino";
 import { EgressError } from "../rules/errors.ts";
 import type { DaemonConfig } from "../rules/policy.ts";
-import { PolicyStore } from "../rules/policy-store.fs.ts";
+import { PolicyStore } from "./store/policy-store.fs.ts";
 import { applyPlan, plan } from "./apply.ts";
 
-import { serveControl, type Request } from "./control.sock.ts";
+import { serveControl, type Request } from "./control/control.sock.ts";
 import { Daemon } from "./daemon.ts";
-import { dnsResolver } from "./dns.resolver.ts";
-import { execNft } from "./nft.exec.ts";
+import { dnsResolver } from "./dns/dns.client.ts";
+import { execNft } from "./nft/nft.exec.ts";
 import { egressdProgram } from "./egressd-program.ts";
 import { paths, VERSION, type GlobalOptions } from "./paths.ts";
-import { StateStore } from "./state.fs.ts";
+import { StateStore } from "./store/state.fs.ts";
 import { systemUsers } from "./users.sys.ts";
 
 function logger(): Logger {

@@ -9,7 +9,7 @@ import {
   type Plan,
 } from "../agent/apply.ts";
 import { checkDistinctOwners } from "../rules/compile.ts";
-import type { Call } from "../agent/control.sock.ts";
+import type { Call } from "../agent/control/control.sock.ts";
 import type { ApplySummary } from "../agent/daemon.ts";
 import type { Finding } from "../rules/diff.ts";
 import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";

@@ -1,12 +1,12 @@
 /** egressctl's command tree and runner: parses argv, runs one handler, renders its result. The only place that prints. */
 import { Command, CommanderError, Option } from "commander";
-import { connectDaemon } from "../agent/control.sock.ts";
-import { execNft } from "../agent/nft.exec.ts";
-import { StateStore } from "../agent/state.fs.ts";
+import { connectDaemon } from "../agent/control/control.sock.ts";
+import { execNft } from "../agent/nft/nft.exec.ts";
+import { StateStore } from "../agent/store/state.fs.ts";
 import { systemUsers } from "../agent/users.sys.ts";
 
 import { EgressError, type ExitCode } from "../rules/errors.ts";
-import { PolicyStore } from "../rules/policy-store.fs.ts";
+import { PolicyStore } from "../agent/store/policy-store.fs.ts";
 import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/paths.ts";
 
 import * as cmd from "./commands.ts";

@@ -1,7 +1,7 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import type { Resolution } from "../../agent/dns.resolver.ts";
-import { backoffSeconds, NameTable, type RefreshSettings } from "../../agent/names.ts";
+import type { Resolution } from "../../agent/dns/dns.client.ts";
+import { backoffSeconds, NameTable, type RefreshSettings } from "../../agent/dns/names.ts";
 
 const test = suite("DNS bookkeeping: TTL, grace, fail-static, backoff (injected clock)");
 

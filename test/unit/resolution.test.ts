@@ -1,6 +1,6 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { parseResolvConf } from "../../agent/resolvers.fs.ts";
+import { parseResolvConf } from "../../agent/dns/resolvers.fs.ts";
 import { filterAddresses } from "../../rules/resolution.ts";
 
 const test = suite("what DNS answers may allow");

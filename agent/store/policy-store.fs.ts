@@ -7,7 +7,7 @@ import { mkdir, readdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import lockfile from "proper-lockfile";
 import writeFileAtomic from "write-file-atomic";
-import { EgressError, invalid, type Problem } from "./errors.ts";
+import { EgressError, invalid, type Problem } from "../../rules/errors.ts";
 import {
   DEFAULT_CONFIG,
   serviceToJSON,
@@ -15,7 +15,7 @@ import {
   validateService,
   type DaemonConfig,
   type ServicePolicy,
-} from "./policy.ts";
+} from "../../rules/policy.ts";
 
 export const CONFIG_FILE = "egressd.json";
 export const SERVICES_DIR = "services.d";

@@ -7,8 +7,8 @@
  * (fail-static); addresses no longer returned stay until their grace runs out; NXDOMAIN
  * empties "current", so the name's addresses go when their grace runs out.
  */
-import { filterAddresses, type Dropped } from "../rules/resolution.ts";
-import type { Resolution } from "./dns.resolver.ts";
+import { filterAddresses, type Dropped } from "../../rules/resolution.ts";
+import type { Resolution } from "./dns.client.ts";
 
 export interface RefreshSettings {
   minTtlSeconds: number;

@@ -3,9 +3,9 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execa, ExecaError } from "execa";
-import { EgressError } from "../rules/errors.ts";
-import type { Batch } from "../rules/batch.ts";
-import { validateBatch } from "../rules/nft-schema.ts";
+import { EgressError } from "../../rules/errors.ts";
+import type { Batch } from "../../rules/batch.ts";
+import { validateBatch } from "../../rules/nft-schema.ts";
 
 export interface Nft {
   /** Applies a batch as one kernel transaction; all of it or none. */

@@ -1,6 +1,6 @@
 /** Resolves names with dns2 over UDP (TCP on truncation): A and AAAA, CNAME chains followed. */
 import DNS from "dns2";
-import type { ResolverAddr } from "../rules/compile.ts";
+import type { ResolverAddr } from "../../rules/compile.ts";
 
 export type DnsErrorCode =
   "NXDOMAIN" | "SERVFAIL" | "REFUSED" | "TIMEOUT" | "UNREACHABLE" | "CNAME_LOOP" | "ERROR";

@@ -6,7 +6,7 @@ import { chmod, mkdir, unlink } from "node:fs/promises";
 import { createConnection, createServer, type Server, type Socket } from "node:net";
 import { dirname } from "node:path";
 import type { Logger } from "pino";
-import { EgressError } from "../rules/errors.ts";
+import { EgressError } from "../../rules/errors.ts";
 
 export const MAX_REQUEST = 64 * 1024;
 const IDLE_MS = 10_000;

@@ -1,7 +1,7 @@
 /** Which DNS servers egressd uses and lets services reach: the config's, else /etc/resolv.conf's. */
 import { readFile } from "node:fs/promises";
-import type { ResolverAddr } from "../rules/compile.ts";
-import { parseResolver, type DaemonConfig } from "../rules/policy.ts";
+import type { ResolverAddr } from "../../rules/compile.ts";
+import { parseResolver, type DaemonConfig } from "../../rules/policy.ts";
 
 /** Nameserver lines of a resolv.conf text (pure). Zoned link-local entries are skipped. */
 export function parseResolvConf(text: string): ResolverAddr[] {
