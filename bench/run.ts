@@ -145,7 +145,7 @@ async function packetPath(): Promise<void> {
   });
   const iperf: ChildProcess = spawn(
     "ip",
-    ["netns", "exec", sb.ns, "iperf3", "-s", "-B", DEST, "-p", String(IPERF_PORT)],
+    ["netns", "exec", sb.netNs, "iperf3", "-s", "-B", DEST, "-p", String(IPERF_PORT)],
     { stdio: "ignore" },
   );
   try {

@@ -41,7 +41,9 @@ async function connect(
 }
 
 async function main(): Promise<void> {
-  say("Setting up a throwaway network namespace (the host's firewall is not touched)");
+  say(
+    "Setting up two throwaway network namespaces, a host and its internet (the real firewall is not touched)",
+  );
   const sb = await Sandbox.create({
     addresses: [OLD, NEW, ELSEWHERE],
     listen: [OLD, NEW, ELSEWHERE].flatMap((host) =>
@@ -56,9 +58,9 @@ async function main(): Promise<void> {
   let daemon: Daemon | null = null;
   try {
     console.log(
-      `   namespace ${sb.ns}: web servers on ${OLD}, ${NEW}, ${ELSEWHERE} (ports 443, 8080)`,
+      `   namespace ${sb.ns} is the host; ${sb.netNs}, behind a veth pair, is the internet: web servers on ${OLD}, ${NEW}, ${ELSEWHERE} (ports 443, 8080)`,
     );
-    console.log(`   DNS server on 127.0.0.1:53: api.example.test A ${OLD} (TTL 2 s)`);
+    console.log(`   DNS server on the host's 127.0.0.1:53: api.example.test A ${OLD} (TTL 2 s)`);
     console.log(`   config: ${sb.configDir}/egressd.json (grace period 3 s)`);
 
     say("Register a service running as uid 2001");
@@ -127,7 +129,7 @@ async function main(): Promise<void> {
       ),
     );
   } finally {
-    say("Cleaning up: stopping egressd and deleting the namespace");
+    say("Cleaning up: stopping egressd and deleting the namespaces");
     await daemon?.stop();
     await sb.destroy();
   }

@@ -1,7 +1,11 @@
 /**
- * System-test sandbox: a throwaway network namespace with documentation-range addresses
- * on its loopback, a peer process (servers + DNS) inside it, a private config dir, and
- * helpers to run egressctl, nft and probes (under test uids) inside it.
+ * System-test sandbox: two throwaway network namespaces joined by a veth pair. The "host"
+ * (`ns`) is where egressd, its services and the DNS server on 127.0.0.1:53 run; it owns the
+ * addresses in HOST_ADDRESSES and nothing else. The "internet" (`netNs`) holds the
+ * documentation-range addresses the tests reach, on its loopback, and the servers on them.
+ * Keeping them apart matters: egressd never allows a DNS answer that is one of the host's own
+ * addresses, so the fake internet must not be the host. Helpers run egressctl, nft and probes
+ * (under test uids) on the host, and clients on the internet side.
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import {
@@ -80,24 +84,43 @@ export interface ProbeResult {
 
 let counter = 0;
 
+/** The host's own addresses (on its loopback), besides the link addresses of its veth. */
+export const HOST_ADDRESSES = { v4: "203.0.113.1", v6: "2001:db8:ffff::1" } as const;
+/** The point-to-point link between host and internet. */
+export const LINK = {
+  host4: "10.254.0.1",
+  net4: "10.254.0.2",
+  host6: "fd00:254::1",
+  net6: "fd00:254::2",
+} as const;
+
+const isLoopback = (host: string) => host.startsWith("127.") || host === "::1";
+
 export class Sandbox {
-  private peer: ChildProcess | null = null;
+  private readonly peers: ChildProcess[] = [];
   private readonly daemons: Daemon[] = [];
   private readonly servers: ChildProcess[] = [];
   readonly configDir: string;
   readonly stateDir: string;
   readonly recordsFile: string;
 
+  /** The fake internet's namespace. */
+  readonly netNs: string;
+
   private constructor(
     readonly ns: string,
     readonly dir: string,
   ) {
+    this.netNs = `${ns}-n`;
     this.configDir = join(dir, "etc");
     this.stateDir = join(dir, "state");
     this.recordsFile = join(dir, "records.json");
   }
 
-  /** A fresh namespace with `addresses` on lo and a DNS server on 127.0.0.1:53. */
+  /**
+   * A fresh host and internet, `addresses` on the internet's loopback with servers on
+   * `listen` (loopback ones on the host), and a DNS server on the host's 127.0.0.1:53.
+   */
   static async create(
     opts: { addresses?: string[]; listen?: Listen[]; records?: Records; config?: object } = {},
   ): Promise<Sandbox> {
@@ -105,16 +128,22 @@ export class Sandbox {
     const dir = mkdtempSync(join(tmpdir(), `${ns}-`));
     chmodSync(dir, 0o755);
     const sb = new Sandbox(ns, dir);
-    await execa("ip", ["netns", "add", ns]);
     try {
-      await sb.ip("link", "set", "lo", "up");
-      for (const a of opts.addresses ?? []) {
-        const v6 = a.includes(":");
-        await sb.ip("addr", "add", `${a}/${v6 ? 128 : 32}`, "dev", "lo", ...(v6 ? ["nodad"] : []));
-      }
+      await sb.link();
+      for (const a of opts.addresses ?? []) await sb.addAddress(sb.netNs, a);
       sb.setRecords(opts.records ?? {});
       sb.writeConfig(opts.config ?? { resolvers: ["127.0.0.1:53"] });
-      await sb.startPeer(opts.listen ?? []);
+      const listen = opts.listen ?? [];
+      await sb.startPeer(
+        sb.netNs,
+        listen.filter((l) => !isLoopback(l.host)),
+        false,
+      );
+      await sb.startPeer(
+        sb.ns,
+        listen.filter((l) => isLoopback(l.host)),
+        true,
+      );
     } catch (err) {
       await sb.destroy();
       throw err;
@@ -122,17 +151,93 @@ export class Sandbox {
     return sb;
   }
 
+  /** Both namespaces, the veth between them, addresses and routes. */
+  private async link(): Promise<void> {
+    const { ns, netNs } = this;
+    for (const n of [ns, netNs]) {
+      await execa("ip", ["netns", "add", n]);
+      await execa("ip", ["-n", n, "link", "set", "lo", "up"]);
+      // No duplicate address detection: addresses are usable at once.
+      await execa("ip", [
+        "netns",
+        "exec",
+        n,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+      ]);
+    }
+    await execa("ip", [
+      "-n",
+      ns,
+      "link",
+      "add",
+      "veth0",
+      "type",
+      "veth",
+      "peer",
+      "name",
+      "veth1",
+      "netns",
+      netNs,
+    ]);
+    const h = (...a: string[]) => execa("ip", ["-n", ns, ...a]);
+    const n = (...a: string[]) => execa("ip", ["-n", netNs, ...a]);
+    await h("addr", "add", `${LINK.host4}/30`, "dev", "veth0");
+    await h("addr", "add", `${LINK.host6}/64`, "dev", "veth0", "nodad");
+    await n("addr", "add", `${LINK.net4}/30`, "dev", "veth1");
+    await n("addr", "add", `${LINK.net6}/64`, "dev", "veth1", "nodad");
+    await h("link", "set", "veth0", "up");
+    await n("link", "set", "veth1", "up");
+    await h("route", "add", "default", "via", LINK.net4);
+    await h("-6", "route", "add", "default", "via", LINK.net6);
+    await this.addAddress(ns, HOST_ADDRESSES.v4);
+    await this.addAddress(ns, HOST_ADDRESSES.v6);
+    await n("route", "add", `${HOST_ADDRESSES.v4}/32`, "via", LINK.host4);
+    await n("-6", "route", "add", `${HOST_ADDRESSES.v6}/128`, "via", LINK.host6);
+  }
+
+  private async addAddress(ns: string, a: string): Promise<void> {
+    const v6 = a.includes(":");
+    await execa("ip", [
+      "-n",
+      ns,
+      "addr",
+      "add",
+      `${a}/${v6 ? 128 : 32}`,
+      "dev",
+      "lo",
+      ...(v6 ? ["nodad"] : []),
+    ]);
+  }
+
+  /** `ip` on the host. */
   ip(...args: string[]) {
     return execa("ip", ["-n", this.ns, ...args]);
   }
 
-  /** Runs a command inside the namespace. */
+  /** Runs a command on the host. */
   exec(
     cmd: string,
     args: readonly string[],
     opts: { input?: string; env?: Record<string, string> } = {},
   ) {
-    return execa("ip", ["netns", "exec", this.ns, cmd, ...args], {
+    return this.execIn(this.ns, cmd, args, opts);
+  }
+
+  /** Runs a command on the internet side. */
+  netExec(cmd: string, args: readonly string[]) {
+    return this.execIn(this.netNs, cmd, args, {});
+  }
+
+  private execIn(
+    ns: string,
+    cmd: string,
+    args: readonly string[],
+    opts: { input?: string; env?: Record<string, string> },
+  ) {
+    return execa("ip", ["netns", "exec", ns, cmd, ...args], {
       reject: false,
       timeout: 120_000,
       ...(opts.input !== undefined ? { input: opts.input } : { stdin: "ignore" as const }),
@@ -220,17 +325,36 @@ export class Sandbox {
     };
   }
 
-  /** Tries connections as `uid` from inside the namespace. */
-  async probe(uid: number, attempts: Attempt[], gid = uid): Promise<ProbeResult[]> {
+  /** Tries connections as `uid` from the host. */
+  probe(uid: number, attempts: Attempt[], gid = uid): Promise<ProbeResult[]> {
+    return this.probeIn(this.ns, uid, attempts, gid);
+  }
+
+  /** Tries connections as `uid` from the internet side (clients of the host's services). */
+  probeFrom(uid: number, attempts: Attempt[]): Promise<ProbeResult[]> {
+    return this.probeIn(this.netNs, uid, attempts, uid);
+  }
+
+  private async probeIn(
+    ns: string,
+    uid: number,
+    attempts: Attempt[],
+    gid: number,
+  ): Promise<ProbeResult[]> {
     const { probe } = await fixtures();
-    const r = await this.exec("setpriv", [
-      `--reuid=${uid}`,
-      `--regid=${gid}`,
-      "--clear-groups",
-      process.execPath,
-      probe,
-      JSON.stringify(attempts),
-    ]);
+    const r = await this.execIn(
+      ns,
+      "setpriv",
+      [
+        `--reuid=${uid}`,
+        `--regid=${gid}`,
+        "--clear-groups",
+        process.execPath,
+        probe,
+        JSON.stringify(attempts),
+      ],
+      {},
+    );
     if (r.exitCode !== 0) throw new Error(`probe failed: ${r.stderr}`);
     return JSON.parse(r.stdout) as ProbeResult[];
   }
@@ -275,29 +399,32 @@ export class Sandbox {
     await ready(child);
   }
 
-  private async startPeer(listen: Listen[]): Promise<void> {
+  /** Servers on `listen` in `ns`, and the DNS server when `dns` (the host's 127.0.0.1:53). */
+  private async startPeer(ns: string, listen: Listen[], dns: boolean): Promise<void> {
+    if (!listen.length && !dns) return;
     const { peer } = await fixtures();
-    const spec = { listen, dns: { host: "127.0.0.1", port: 53, records: this.recordsFile } };
-    const child = spawn(
-      "ip",
-      ["netns", "exec", this.ns, process.execPath, peer, JSON.stringify(spec)],
-      {
-        stdio: ["pipe", "pipe", "inherit"],
-      },
-    );
-    this.peer = child;
+    const spec = {
+      listen,
+      ...(dns ? { dns: { host: "127.0.0.1", port: 53, records: this.recordsFile } } : {}),
+    };
+    const child = spawn("ip", ["netns", "exec", ns, process.execPath, peer, JSON.stringify(spec)], {
+      stdio: ["pipe", "pipe", "inherit"],
+    });
+    this.peers.push(child);
     await ready(child);
   }
 
   async destroy(): Promise<void> {
     for (const d of this.daemons) await d.stop("SIGKILL");
     for (const c of this.servers) c.kill("SIGKILL");
-    if (this.peer && this.peer.exitCode === null) {
-      const exited = new Promise((r) => this.peer?.once("exit", r));
-      this.peer.kill("SIGTERM");
+    for (const peer of this.peers) {
+      if (peer.exitCode !== null) continue;
+      const exited = new Promise((r) => peer.once("exit", r));
+      peer.kill("SIGTERM");
       await Promise.race([exited, new Promise((r) => setTimeout(r, 2000))]);
     }
-    await execa("ip", ["netns", "delete", this.ns], { reject: false });
+    for (const n of [this.ns, this.netNs])
+      await execa("ip", ["netns", "delete", n], { reject: false });
     rmSync(this.dir, { recursive: true, force: true });
   }
 }

@@ -1,17 +1,19 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { withSandbox, type Sandbox } from "../helpers/sandbox.ts";
+import { HOST_ADDRESSES, withSandbox, type Sandbox } from "../helpers/sandbox.ts";
 import { API4, API6, DB, OTHER, SVC_UID, UNMANAGED_UID, V6HOST, WORLD } from "./world.ts";
 
 const test = suite(
   "inbound allowances (servers under the service uid, clients from chosen sources)",
 );
 
-const HOST = DB; // the address the service's server answers on
+// The service's server answers on the host's own addresses; its clients are on the internet side.
+const HOST = HOST_ADDRESSES.v4;
+const HOST6 = HOST_ADDRESSES.v6;
 const GOOD = API4[0] as string; // inside 192.0.2.0/24
 const BAD = OTHER; // 198.51.100.20, outside it
 const GOOD6 = V6HOST; // inside 2001:db8:1::/48
-const BAD6 = API6; // 2001:db8::10, outside it; also the IPv6 address served on
+const BAD6 = API6; // 2001:db8::10, outside it
 
 const SERVERS = [
   { proto: "tcp" as const, host: "::", port: 9080 },
@@ -28,15 +30,15 @@ async function ok(sb: Sandbox, ...args: string[]): Promise<string> {
   return r.stdout;
 }
 
-/** A client (an unmanaged uid) from `source` to the service's server. */
+/** A client on the internet side, from `source`, to the service's server on the host. */
 async function from(
   sb: Sandbox,
   source: string,
   proto: "tcp" | "udp",
   port: number,
-  host = source.includes(":") ? BAD6 : HOST,
+  host = source.includes(":") ? HOST6 : HOST,
 ) {
-  const [r] = await sb.probe(UNMANAGED_UID, [{ proto, host, port, source, timeoutMs: 2000 }]);
+  const [r] = await sb.probeFrom(UNMANAGED_UID, [{ proto, host, port, source, timeoutMs: 2000 }]);
   return r?.result;
 }
 
