@@ -8,12 +8,13 @@ import { invalid, type Problem } from "../rules/errors.ts";
 import { parseLive } from "../rules/live.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
-import type { Dropped } from "../rules/resolution.ts";
+import type { Dropped } from "../rules/address-filter.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
 import { replaceBatch } from "../rules/batch.ts";
 import { createHash } from "node:crypto";
 import { dnsResolver, resolveAll, type Resolver } from "./dns/dns.client.ts";
-import { NameTable } from "./dns/names.ts";
+import { FAMILIES, NameTable } from "./dns/names.ts";
+import { hostAddresses } from "./host.sys.ts";
 import type { StateStore } from "./store/state.fs.ts";
 import type { Nft } from "./nft/nft.exec.ts";
 import { configuredResolvers } from "./dns/resolvers.fs.ts";
@@ -25,10 +26,12 @@ export interface Deps {
   nft: Nft;
   users: Users;
   /** Builds the DNS resolver for the configured servers (tests may pass their own). */
-  resolver?: (servers: readonly ResolverAddr[]) => Resolver;
+  resolver?: (servers: readonly ResolverAddr[], config: DaemonConfig) => Resolver;
   /** Where last-known resolutions are kept (shared with the daemon). */
   state?: StateStore;
   clock?: () => number;
+  /** The host's own addresses (default: read from the kernel). */
+  hostAddresses?: () => ReadonlySet<string>;
 }
 
 export interface NameReport {
@@ -37,7 +40,8 @@ export interface NameReport {
   addresses: string[];
   dropped: Dropped[];
   ttl?: number;
-  error?: { code: string; message: string };
+  /** Failures of this run's queries, per record type. */
+  errors?: { A?: { code: string; message: string }; AAAA?: { code: string; message: string } };
 }
 
 export interface Plan {
@@ -48,6 +52,8 @@ export interface Plan {
   names: NameReport[];
   /** The DNS bookkeeping after this plan, to save once it is applied. */
   table: NameTable;
+  /** Saved-state entries that were left out, and why. */
+  stateProblems: Problem[];
 }
 
 /** Looks up every service's user and group; all unknown ones are reported together. */
@@ -107,7 +113,8 @@ function nameUsers(policies: readonly ServicePolicy[]): Map<string, string[]> {
  * Everything needed to apply: the desired table and how it came about. Touches no firewall.
  * `resolve: "all"` asks DNS for every name (apply); `"missing"` uses the saved resolutions and
  * asks only for names never resolved (audit: compare with what was applied, not with new answers).
- * Either way a name that fails keeps its last-known addresses from the state dir (fail-static).
+ * Either way a family that fails keeps its last-known addresses from the state dir (fail-static),
+ * and what the state dir holds passes the same filter as a fresh answer.
  */
 export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Promise<Plan> {
   const now = (deps.clock ?? Date.now)();
@@ -116,33 +123,46 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
   const services = await resolvePrincipals(policies, deps.users, (n) => deps.store.serviceFile(n));
   const resolvers = await configuredResolvers(config);
   const saved = deps.state ? (await deps.state.load()).state : null;
-  const table = NameTable.fromJSON(saved?.names, config.refresh);
   const users = nameUsers(policies);
+  const { table, problems } = NameTable.fromJSON(saved?.names, config.refresh, {
+    names: users.keys(),
+    now,
+    file: deps.state?.file ?? "state",
+    hostAddresses: (deps.hostAddresses ?? hostAddresses)(),
+  });
   table.track(users.keys(), now);
-  const ask =
+  const ask = NameTable.lookups(
     resolve === "all"
       ? table.list()
-      : table.list().filter((n) => table.get(n)?.lastAnswer === null);
-  const failed = new Map<string, { code: string; message: string }>();
+      : table.list().filter((n) => FAMILIES.every((f) => table.get(n)?.[f].lastAnswer === null)),
+  );
+  const errors = new Map<string, NonNullable<NameReport["errors"]>>();
   if (ask.length) {
-    const resolver = (deps.resolver ?? ((s) => dnsResolver(s)))(resolvers);
-    for (const [name, r] of await resolveAll(resolver, ask)) {
-      table.observe(name, r, now);
-      if (!r.ok) failed.set(name, { code: r.code, message: r.message });
+    const resolver = (
+      deps.resolver ?? ((s, c) => dnsResolver(s, { timeoutMs: c.dns.queryTimeoutMs }))
+    )(resolvers, config);
+    for (const { name, family, result } of await resolveAll(resolver, ask)) {
+      table.observe(name, family, result, now);
+      if (!result.ok) {
+        const e = errors.get(name) ?? {};
+        e[family === 4 ? "A" : "AAAA"] = { code: result.code, message: result.message };
+        errors.set(name, e);
+      }
     }
   }
   const resolutions = table.snapshot(now);
   const ruleset = compile({ table: config.table, resolvers, services, resolutions });
   const names: NameReport[] = table.list().map((name) => {
     const st = table.get(name);
-    const error = failed.get(name);
+    const ttls = FAMILIES.map((f) => st?.[f].ttl).filter((t): t is number => typeof t === "number");
+    const error = errors.get(name);
     return {
       name,
       services: users.get(name) ?? [],
       addresses: resolutions.get(name) ?? [],
-      dropped: st?.dropped ?? [],
-      ...(st?.ttl ? { ttl: st.ttl } : {}),
-      ...(error ? { error } : {}),
+      dropped: FAMILIES.flatMap((f) => st?.[f].dropped ?? []),
+      ...(ttls.length ? { ttl: Math.min(...ttls) } : {}),
+      ...(error ? { errors: error } : {}),
     };
   });
   return {
@@ -151,6 +171,7 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
     resolvers,
     names,
     table,
+    stateProblems: problems,
     services: services.map((s) => ({
       name: s.policy.name,
       uid: s.uid,
@@ -174,9 +195,11 @@ export async function applyPlan(
   p: Plan,
 ): Promise<void> {
   const batch = replaceBatch(p.ruleset);
+  // A state path that cannot be written safely stops the apply before the kernel changes.
+  await deps.state?.checkWritable();
   await deps.nft.apply(batch);
   await deps.state?.save({
-    version: 1,
+    version: 2,
     savedAt: (deps.clock ?? Date.now)(),
     names: p.table.toJSON(),
     applied: {

@@ -1,11 +1,13 @@
 /**
  * The long-running agent: keeps the kernel's table equal to the policy plus the live DNS
- * answers. Every change goes through one queue, so nft sees one transaction at a time:
- * a policy change replaces the table; a DNS change sends only the set elements that
- * changed; nothing changed, nothing sent.
+ * answers. Kernel changes go through one queue, so nft sees one transaction at a time: a
+ * policy change replaces the table; a DNS change sends only the set elements that changed;
+ * nothing changed, nothing sent. DNS queries run outside that queue, each under its deadline,
+ * so a slow or hostile resolver never holds up a control request, the audit or other names.
  */
 import { createHash } from "node:crypto";
 import type { Logger } from "pino";
+import { DROPPED_HINT, type Dropped } from "../rules/address-filter.ts";
 import { replaceBatch } from "../rules/batch.ts";
 import {
   checkDistinctOwners,
@@ -24,8 +26,8 @@ import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
 import { auditTable, resolvePrincipals } from "./apply.ts";
-import { resolveAll, type Resolver } from "./dns/dns.client.ts";
-import { NameTable } from "./dns/names.ts";
+import { resolveAll, type Lookup, type Resolver } from "./dns/dns.client.ts";
+import { FAMILIES, NameTable } from "./dns/names.ts";
 import type { Nft } from "./nft/nft.exec.ts";
 import { configuredResolvers } from "./dns/resolvers.fs.ts";
 import type { StateStore } from "./store/state.fs.ts";
@@ -36,8 +38,10 @@ export interface DaemonDeps {
   state: StateStore;
   nft: Nft;
   users: Users;
-  resolver: (servers: readonly ResolverAddr[]) => Resolver;
+  resolver: (servers: readonly ResolverAddr[], config: DaemonConfig) => Resolver;
   clock: () => number;
+  /** The host's own addresses, read from the kernel (re-read at every commit). */
+  hostAddresses: () => ReadonlySet<string>;
   log: Logger;
   /** Called after the config is (re)loaded, e.g. to reschedule the audit. */
   onConfig?: (config: DaemonConfig) => void;
@@ -63,10 +67,18 @@ export interface ApplySummary {
   /** Elements added and removed (delta), or objects in the table (replace). */
   changes: number;
   at: number;
+  /** Names whose first resolution had not finished when the request had to answer. */
+  pending?: string[];
 }
 
 const MAX_TIMER = 2 ** 31 - 1;
 const plural = (n: number, w: string) => `${n} ${w}${n === 1 ? "" : "s"}`;
+const key = (l: Lookup) => `${l.family}|${l.name}`;
+
+/** How long a control request waits for the names it added before it answers without them. */
+export function controlWaitMs(config: DaemonConfig): number {
+  return 2 * config.dns.queryTimeoutMs + 1000;
+}
 
 export class Daemon {
   private loaded: Loaded | null = null;
@@ -76,6 +88,10 @@ export class Daemon {
   private queue: Promise<unknown> = Promise.resolve();
   private timer: NodeJS.Timeout | null = null;
   private stopped = false;
+  /** Lookups on the wire, so a name is never asked twice at once. */
+  private readonly inflight = new Map<string, Promise<void>>();
+  /** Dropped addresses already logged, so each is logged once per name. */
+  private readonly droppedLogged = new Set<string>();
   readonly startedAt: number;
   lastApply: ApplySummary | null = null;
   lastError: { code: string; message: string; at: number } | null = null;
@@ -103,40 +119,63 @@ export class Daemon {
 
   /**
    * Start-up: enforce from the last-known resolutions before any DNS query, then resolve
-   * what is due and apply the difference.
+   * what is due in the background and apply the difference.
    */
   async start(): Promise<void> {
-    const { log, clock } = this.deps;
-    const saved = await this.deps.state.load();
-    this.savedNames = saved.state?.names;
-    if (saved.problem)
-      log.warn(
-        { code: "ERR_EGRESS_STATE", problem: saved.problem },
-        "ignoring unreadable state; starting without last-known addresses",
+    const { log } = this.deps;
+    try {
+      const saved = await this.deps.state.load();
+      this.savedNames = saved.state?.names;
+      if (saved.problem)
+        log.warn(
+          { code: "ERR_EGRESS_STATE", problem: saved.problem },
+          "ignoring unreadable state; starting without last-known addresses (DNS will refill them)",
+        );
+    } catch (err) {
+      log.error(
+        { code: "ERR_EGRESS_STATE", err: err instanceof EgressError ? err.toJSON() : String(err) },
+        "ignoring the state file; starting without last-known addresses (DNS will refill them)",
       );
+    }
     await this.serial(async () => {
       if (!(await this.load())) {
         log.error("not applying: the policy does not load; the kernel keeps its current ruleset");
         return;
       }
-      const config = this.loaded?.config as DaemonConfig;
-      this.names = NameTable.fromJSON(saved.state?.names, config.refresh);
-      this.names.track(this.policyNames(), clock());
+      this.restoreNames();
       await this.commit();
       log.info(
         {
-          table: `inet ${config.table}`,
+          table: `inet ${this.loaded?.config.table}`,
           services: this.loaded?.services.length,
-          names: this.names.list().length,
-          fromState: Boolean(saved.state),
+          names: this.names?.list().length,
+          fromState: this.savedNames !== undefined,
         },
-        saved.state
+        this.savedNames !== undefined
           ? "applied from saved state, before any DNS query"
           : "applied (no saved state yet)",
       );
     });
-    await this.serial(() => this.refreshNames(null));
-    this.schedule();
+    void this.refreshDue().finally(() => this.schedule());
+  }
+
+  /** Builds the name table from the saved state, filtered like fresh answers. */
+  private restoreNames(): void {
+    const l = this.loaded as Loaded;
+    const now = this.deps.clock();
+    const { table, problems } = NameTable.fromJSON(this.savedNames, l.config.refresh, {
+      names: this.policyNames(),
+      now,
+      file: this.deps.state.file,
+      hostAddresses: this.deps.hostAddresses(),
+    });
+    for (const p of problems)
+      this.deps.log.warn(
+        { code: "ERR_EGRESS_STATE", where: p.where },
+        `saved state: ${p.where}: ${p.text}`,
+      );
+    this.names = table;
+    this.names.track(this.policyNames(), now);
   }
 
   /** Names every service allows, each once. */
@@ -158,7 +197,13 @@ export class Daemon {
     checkDistinctOwners(services);
     checkInboundOverlap(policies);
 
-    return { config, policies, services, resolvers, resolver: this.deps.resolver(resolvers) };
+    return {
+      config,
+      policies,
+      services,
+      resolvers,
+      resolver: this.deps.resolver(resolvers, config),
+    };
   }
 
   /** Loads config, policies and users. On failure keeps what was loaded before and records why. */
@@ -168,7 +213,6 @@ export class Daemon {
       const loaded = await this.read();
       this.loaded = loaded;
       log.level = loaded.config.log.level;
-      this.names?.configure(loaded.config.refresh);
       this.loadError = null;
       this.deps.onConfig?.(loaded.config);
       return true;
@@ -205,26 +249,25 @@ export class Daemon {
     });
   }
 
-  /** The table for the current policy and current answers. */
-  private build(now: number): Ruleset {
-    const l = this.loaded as Loaded;
-    return compile({
-      table: l.config.table,
-      resolvers: l.resolvers,
-      services: l.services,
-      resolutions: (this.names as NameTable).snapshot(now),
-    });
-  }
-
   /**
    * Brings the kernel to the current desired table: a whole-table replace when the structure
    * changed (or nothing was applied yet), else one transaction with only the element changes,
-   * else nothing at all.
+   * else nothing at all. The filter is re-applied first (config, and the host's addresses read
+   * again now), so a narrowing takes effect in this same transaction.
    */
   private async commit(): Promise<ApplySummary> {
     const { log, clock } = this.deps;
+    const l = this.loaded as Loaded;
+    const names = this.names as NameTable;
     const now = clock();
-    const next = this.build(now);
+    const pruned = names.configure(l.config.refresh, { hostAddresses: this.deps.hostAddresses() });
+    this.logDropped(pruned);
+    const next = compile({
+      table: l.config.table,
+      resolvers: l.resolvers,
+      services: l.services,
+      resolutions: names.snapshot(now),
+    });
     const delta = this.applied ? elementDelta(this.applied, next) : null;
     let summary: ApplySummary = { kind: "none", changes: 0, at: now };
     if (!delta || delta.length) {
@@ -300,6 +343,25 @@ export class Daemon {
     this.appliedNames = snapshot;
   }
 
+  /** Logs each address the filter refused, once per name and reason, with the fix. */
+  private logDropped(dropped: readonly (Dropped & { name?: string })[]): void {
+    for (const d of dropped) {
+      const id = `${d.name ?? ""}|${d.address}|${d.reason}`;
+      if (this.droppedLogged.has(id)) continue;
+      this.droppedLogged.add(id);
+      this.deps.log.warn(
+        {
+          code: "ERR_EGRESS_ADDRESS_REFUSED",
+          ...(d.name ? { name: d.name, services: this.servicesOf(d.name) } : {}),
+          address: d.address,
+          reason: d.reason,
+          hint: DROPPED_HINT,
+        },
+        `${d.name ? `${d.name}: ` : ""}not allowing ${d.address} (${d.reason})`,
+      );
+    }
+  }
+
   private servicesOf(name: string): string[] {
     return (this.loaded?.policies ?? [])
       .filter((p) => domainAllowances(p).some((d) => d.name === name))
@@ -309,7 +371,7 @@ export class Daemon {
   private async saveState(): Promise<void> {
     try {
       await this.deps.state.save({
-        version: 1,
+        version: 2,
         savedAt: this.deps.clock(),
         names: this.names?.toJSON() ?? {},
         ...(this.digest
@@ -318,98 +380,156 @@ export class Daemon {
       });
     } catch (err) {
       this.deps.log.warn(
-        { code: "ERR_EGRESS_STATE", error: (err as Error).message },
+        {
+          code: "ERR_EGRESS_STATE",
+          error: err instanceof EgressError ? err.toJSON() : (err as Error).message,
+        },
         "could not save state",
       );
     }
   }
 
-  /** Resolves `names` (null: those due) and records the answers. */
-  private async resolve(names: readonly string[]): Promise<void> {
-    const { clock, log } = this.deps;
+  /**
+   * Resolves `lookups` (each at most once at a time, however many callers ask) and records the
+   * answers. Runs outside the kernel queue; every query has its deadline.
+   */
+  private resolve(lookups: readonly Lookup[]): Promise<void> {
+    const l = this.loaded as Loaded;
     const table = this.names as NameTable;
-    const results = await resolveAll((this.loaded as Loaded).resolver, names);
-    const now = clock();
-    for (const [name, r] of results) {
-      if (!table.has(name)) continue; // revoked while we were asking
-      table.observe(name, r, now);
-      const st = table.get(name);
-      if (!r.ok) {
-        log.warn(
-          {
-            code: "ERR_EGRESS_DNS",
-            name,
-            services: this.servicesOf(name),
-            dns: r.code,
-            error: r.message,
-            keeping: r.code === "NXDOMAIN" ? [] : st?.current,
-            retryAt: st?.nextRefresh,
-          },
-          r.code === "NXDOMAIN"
-            ? `${name}: NXDOMAIN; its addresses go after the grace period`
-            : `${name}: ${r.code}; keeping the last-known addresses`,
-        );
-      } else if (st?.dropped.length) {
-        log.warn(
-          { name, dropped: st.dropped },
-          `${name}: not allowing ${plural(st.dropped.length, "address")}`,
-        );
-      }
+    const waits: Promise<void>[] = [];
+    const todo: Lookup[] = [];
+    for (const x of lookups) {
+      const running = this.inflight.get(key(x));
+      if (running) waits.push(running);
+      else todo.push(x);
     }
+    if (todo.length) {
+      const run = resolveAll(l.resolver, todo).then((results) => {
+        const now = this.deps.clock();
+        for (const { name, family, result } of results) {
+          if (!table.has(name)) continue; // revoked while we were asking
+          table.observe(name, family, result, now);
+          const st = table.get(name)?.[family];
+          if (!result.ok) {
+            this.deps.log.warn(
+              {
+                code: "ERR_EGRESS_DNS",
+                name,
+                family: family === 4 ? "A" : "AAAA",
+                services: this.servicesOf(name),
+                dns: result.code,
+                error: result.message,
+                keeping: result.code === "NXDOMAIN" ? [] : st?.current,
+                retryAt: st?.nextRefresh,
+              },
+              result.code === "NXDOMAIN"
+                ? `${name}: NXDOMAIN; its addresses go after the grace period`
+                : `${name} ${family === 4 ? "A" : "AAAA"}: ${result.code}; keeping the last-known addresses`,
+            );
+          } else if (st?.dropped.length) {
+            this.logDropped(st.dropped.map((d) => ({ ...d, name })));
+          }
+        }
+      });
+      const settled = run.catch((err: unknown) => {
+        this.deps.log.error({ err: String(err) }, "DNS resolution failed unexpectedly");
+      });
+      for (const x of todo) this.inflight.set(key(x), settled);
+      void settled.finally(() => {
+        for (const x of todo)
+          if (this.inflight.get(key(x)) === settled) this.inflight.delete(key(x));
+      });
+      waits.push(settled);
+    }
+    return Promise.all(waits).then(() => undefined);
   }
 
-  private async refreshNames(only: readonly string[] | null): Promise<ApplySummary | null> {
-    if (!this.loaded || !this.names) return null;
-    const due = only ?? this.names.dueForRefresh(this.deps.clock());
+  /** Resolves what is due, then applies the difference. */
+  private async refreshDue(): Promise<void> {
+    if (!this.loaded || !this.names || this.stopped) return;
+    const due = this.names.dueForRefresh(this.deps.clock());
     if (due.length) await this.resolve(due);
-    return this.commit();
+    await this.serial(() => this.commit()).catch(() => undefined);
+  }
+
+  /**
+   * Resolves `lookups`, waiting at most the control deadline, then applies. Lookups still
+   * running are applied when they finish, and reported as pending.
+   */
+  private async resolveThenCommit(lookups: readonly Lookup[]): Promise<ApplySummary> {
+    const config = (this.loaded as Loaded).config;
+    let finished = !lookups.length;
+    const resolution = this.resolve(lookups).then(() => {
+      finished = true;
+    });
+    if (!finished) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        resolution,
+        new Promise<void>((r) => (timer = setTimeout(r, controlWaitMs(config)))),
+      ]);
+      clearTimeout(timer);
+    }
+    const summary = await this.serial(() => this.commit());
+    if (finished) return summary;
+    void resolution.then(() => this.serial(() => this.commit())).catch(() => undefined);
+    const pending = [
+      ...new Set(lookups.filter((x) => this.inflight.has(key(x))).map((x) => x.name)),
+    ];
+    this.deps.log.warn(
+      { code: "ERR_EGRESS_DNS_PENDING", pending },
+      `answering before ${plural(pending.length, "name")} resolved; they are applied when DNS answers`,
+    );
+    return { ...summary, pending };
   }
 
   /** Re-reads config and policy and applies them; new names are resolved first. Throws when the policy does not load. */
-  reload(): Promise<ApplySummary> {
-    return this.serial(async () => {
+  async reload(): Promise<ApplySummary> {
+    const added = await this.serial(async () => {
       if (!(await this.load())) throw this.loadError;
       const l = this.loaded as Loaded;
       // First successful load after a start that could not load: begin from the saved state.
-      if (!this.names) this.names = NameTable.fromJSON(this.savedNames, l.config.refresh);
-      const { added } = this.names.track(this.policyNames(), this.deps.clock());
-      if (added.length) await this.resolve(added);
-      const summary = await this.commit();
-      this.deps.log.info(
-        { services: l.services.length, names: this.names.list().length, kind: summary.kind },
-        "policy applied",
-      );
-      this.schedule();
-      return summary;
+      if (!this.names) this.restoreNames();
+      return (this.names as NameTable).track(this.policyNames(), this.deps.clock()).added;
     });
+    const summary = await this.resolveThenCommit(NameTable.lookups(added));
+    this.deps.log.info(
+      {
+        services: this.loaded?.services.length,
+        names: this.names?.list().length,
+        kind: summary.kind,
+      },
+      "policy applied",
+    );
+    this.schedule();
+    return summary;
   }
 
   /** Re-resolves now: every name, or those of one service. */
-  refresh(service?: string): Promise<ApplySummary & { names: string[] }> {
-    return this.serial(async () => {
-      if (!this.loaded || !this.names)
-        throw (
-          this.loadError ??
-          new EgressError("ERR_EGRESS_NOT_READY", "egressd has not loaded a policy yet", {
-            exitCode: 3,
-          })
+  async refresh(service?: string): Promise<ApplySummary & { names: string[] }> {
+    if (!this.loaded || !this.names)
+      throw (
+        this.loadError ??
+        new EgressError("ERR_EGRESS_NOT_READY", "egressd has not loaded a policy yet", {
+          exitCode: 3,
+        })
+      );
+    let names = this.names.list();
+    if (service) {
+      const p = this.loaded.policies.find((x) => x.name === service);
+      if (!p)
+        throw new EgressError(
+          "ERR_EGRESS_UNKNOWN_SERVICE",
+          `service "${service}" is not registered`,
+          {
+            hint: "egressctl list shows the registered services",
+          },
         );
-      let names = this.names.list();
-      if (service) {
-        const p = this.loaded.policies.find((x) => x.name === service);
-        if (!p)
-          throw new EgressError(
-            "ERR_EGRESS_UNKNOWN_SERVICE",
-            `service "${service}" is not registered`,
-            { hint: "egressctl list shows the registered services" },
-          );
-        names = [...new Set(domainAllowances(p).map((d) => d.name))].sort();
-      }
-      if (names.length) await this.resolve(names);
-      const summary = await this.commit();
-      this.schedule();
-      return { ...summary, names };
-    });
+      names = [...new Set(domainAllowances(p).map((d) => d.name))].sort();
+    }
+    const summary = await this.resolveThenCommit(NameTable.lookups(names));
+    this.schedule();
+    return { ...summary, names };
   }
 
   /**
@@ -417,15 +537,12 @@ export class Daemon {
    * timer (it may have been delayed by a suspended machine or a clock jump), saves state.
    */
   housekeep(): Promise<void> {
-    return this.serial(async () => {
-      if (this.loaded && this.names) await this.refreshNames(null);
-    })
+    return this.refreshDue()
       .catch(() => undefined)
       .finally(() => this.schedule());
   }
 
   /** Arms one timer for the next refresh or grace expiry. */
-
   private schedule(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
@@ -436,9 +553,8 @@ export class Daemon {
     // Expiries are exact to the millisecond; wake just after so the address is gone when we look.
     const delay = Math.min(Math.max(0, next - now + 5), MAX_TIMER);
     this.timer = setTimeout(() => {
-      this.serial(() => this.refreshNames(null))
-        .catch(() => undefined)
-        .finally(() => this.schedule());
+      this.timer = null;
+      void this.refreshDue().finally(() => this.schedule());
     }, delay);
   }
 
@@ -506,6 +622,16 @@ export class Daemon {
         countersError = (err as Error).message;
       }
     }
+    const familyView = (st: NonNullable<ReturnType<NameTable["get"]>>[4]) => ({
+      addresses: st.current,
+      ttl: st.ttl,
+      lastAnswer: st.lastAnswer,
+      nextRefresh: st.nextRefresh,
+      failures: st.failures,
+      lastError: st.lastError,
+      dropped: st.dropped,
+      chain: st.chain,
+    });
     const services = (l?.services ?? [])
       .filter((s) => !service || s.policy.name === service)
       .map((s) => {
@@ -520,19 +646,17 @@ export class Daemon {
           inbound: s.policy.inbound,
           names: names.map((n) => {
             const st = table?.get(n);
-            const current = new Set(st?.current ?? []);
+            const current = new Set(FAMILIES.flatMap((f) => st?.[f].current ?? []));
             return {
               name: n,
               addresses: (table?.allowed(n, now) ?? []).map((a) => ({
                 address: a,
                 current: current.has(a),
-                expires: st?.until[a] ?? null,
+                expires: st?.[a.includes(":") ? 6 : 4].until[a] ?? null,
               })),
-              lastRefresh: st?.lastAnswer ?? null,
-              nextRefresh: st?.nextRefresh ?? null,
-              ttl: st?.ttl ?? null,
-              lastError: st?.lastError ?? null,
-              dropped: st?.dropped ?? [],
+              resolving: FAMILIES.some((f) => this.inflight.has(key({ name: n, family: f }))),
+              A: st ? familyView(st[4]) : null,
+              AAAA: st ? familyView(st[6]) : null,
             };
           }),
         };
@@ -560,6 +684,7 @@ export class Daemon {
         lastError: this.lastError,
         policyError: this.loadError?.toJSON() ?? null,
         nextEvent: table?.nextEvent(now) ?? null,
+        resolving: this.inflight.size,
         ...(countersError ? { countersError } : {}),
       },
       services,

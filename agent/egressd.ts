@@ -17,6 +17,7 @@ import { dnsResolver } from "./dns/dns.client.ts";
 import { execNft } from "./nft/nft.exec.ts";
 import { egressdProgram } from "./egressd-program.ts";
 import { paths, VERSION, type GlobalOptions } from "./paths.ts";
+import { hostAddresses } from "./host.sys.ts";
 import { StateStore } from "./store/state.fs.ts";
 import { systemUsers } from "./users.sys.ts";
 
@@ -45,14 +46,16 @@ async function once(g: GlobalOptions): Promise<number> {
   try {
     const result = await plan(deps);
     log.level = result.config.log.level;
+    for (const p of result.stateProblems)
+      log.warn({ code: "ERR_EGRESS_STATE", where: p.where }, `saved state: ${p.where}: ${p.text}`);
     for (const n of result.names) {
-      if (n.error)
+      if (n.errors)
         log.warn(
           {
             code: "ERR_EGRESS_DNS",
             name: n.name,
             services: n.services,
-            error: n.error,
+            errors: n.errors,
             keeping: n.addresses,
           },
           "name did not resolve",
@@ -104,8 +107,9 @@ async function daemon(g: GlobalOptions): Promise<number> {
     state: new StateStore(p.stateDir),
     nft: execNft(),
     users: systemUsers(),
-    resolver: (servers) => dnsResolver(servers),
+    resolver: (servers, config) => dnsResolver(servers, { timeoutMs: config.dns.queryTimeoutMs }),
     clock: Date.now,
+    hostAddresses,
     log,
     onConfig: scheduleAudit,
   });

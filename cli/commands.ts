@@ -8,6 +8,7 @@ import {
   type Deps,
   type Plan,
 } from "../agent/apply.ts";
+import { DROPPED_HINT } from "../rules/address-filter.ts";
 import { checkDistinctOwners } from "../rules/compile.ts";
 import type { Call } from "../agent/control/control.sock.ts";
 import type { ApplySummary } from "../agent/daemon.ts";
@@ -328,18 +329,23 @@ export function changeLines(findings: readonly Finding[]): string[] {
 
 function nameWarnings(p: Plan): string[] {
   const out: string[] = [];
+  for (const sp of p.stateProblems) out.push(`warning: saved state: ${sp.where}: ${sp.text}`);
+  let dropped = false;
   for (const n of p.names) {
-    if (n.error) {
+    for (const [type, e] of Object.entries(n.errors ?? {})) {
       const keep = n.addresses.length
-        ? `keeping its ${n.addresses.length} last-known address(es)`
-        : "it allows nothing until it does";
+        ? `allowing its ${n.addresses.length} known address(es)`
+        : "it allows nothing until it resolves";
       out.push(
-        `warning: ${n.name} (${n.services.join(", ")}) did not resolve: ${n.error.message}; ${keep}`,
+        `warning: ${n.name} (${n.services.join(", ")}) did not resolve (${type}): ${e.message}; ${keep}`,
       );
     }
-    for (const d of n.dropped)
+    for (const d of n.dropped) {
       out.push(`warning: ${n.name}: not allowing ${d.address} (${d.reason})`);
+      dropped = true;
+    }
   }
+  if (dropped) out.push(`hint: ${DROPPED_HINT}`);
   return out;
 }
 
@@ -383,7 +389,7 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
     };
   }
   await applyPlan(ctx, p);
-  const failed = p.names.filter((n) => n.error).length;
+  const failed = p.names.filter((n) => n.errors && !n.addresses.length).length;
   return {
     exitCode: 0,
     text: `applied table inet ${p.ruleset.table}: ${p.services.length} service(s), ${p.names.length} name(s)${failed ? ` (${failed} unresolved)` : ""}\n`,
@@ -429,11 +435,22 @@ interface StatusData {
     names: {
       name: string;
       addresses: { address: string; current: boolean; expires: number | null }[];
-      lastRefresh: number | null;
-      nextRefresh: number | null;
-      lastError: { code: string; message: string } | null;
+      resolving: boolean;
+      A: FamilyStatus | null;
+      AAAA: FamilyStatus | null;
     }[];
   }[];
+}
+
+interface FamilyStatus {
+  addresses: string[];
+  ttl: number | null;
+  lastAnswer: number | null;
+  nextRefresh: number;
+  failures: number;
+  lastError: { code: string; message: string } | null;
+  dropped: { address: string; reason: string }[];
+  chain: string[];
 }
 
 function statusText(s: StatusData): string {
@@ -466,10 +483,26 @@ function statusText(s: StatusData): string {
       const addrs = n.addresses.map((a) =>
         a.current ? a.address : `${a.address} (until ${time(a.expires)})`,
       );
-      lines.push(`  ${n.name}: ${addrs.join(", ") || "(no addresses)"}`);
       lines.push(
-        `    refreshed ${time(n.lastRefresh)}, next ${time(n.nextRefresh)}${n.lastError ? `, last error ${n.lastError.code}: ${n.lastError.message}` : ""}`,
+        `  ${n.name}: ${addrs.join(", ") || "(no addresses)"}${n.resolving ? " (resolving)" : ""}`,
       );
+      for (const [type, f] of [
+        ["A", n.A],
+        ["AAAA", n.AAAA],
+      ] as const) {
+        if (!f) continue;
+        const state = f.lastError
+          ? `${f.lastError.code}${f.failures > 1 ? ` x${f.failures}` : ""}: ${f.lastError.message}${f.addresses.length ? ", keeping the last-known addresses" : ""}`
+          : f.lastAnswer === null
+            ? "not answered yet"
+            : f.addresses.length
+              ? `${f.addresses.length} address(es), TTL ${f.ttl ?? "?"} s`
+              : "no records (NODATA)";
+        lines.push(
+          `    ${type.padEnd(4)} ${state}; answered ${time(f.lastAnswer)}, next ${time(f.nextRefresh)}`,
+        );
+        for (const d of f.dropped) lines.push(`         not allowing ${d.address}: ${d.reason}`);
+      }
     }
   }
   return lines.join("\n") + "\n";

@@ -14,8 +14,17 @@ const BITS: Record<Family, number> = { 4: 32, 6: 128 };
 
 function parseStrict(text: string): ipaddr.IPv4 | ipaddr.IPv6 | null {
   if (ipaddr.IPv4.isValidFourPartDecimal(text)) return ipaddr.IPv4.parse(text);
-  if (!text.includes("%") && ipaddr.IPv6.isValid(text)) return ipaddr.IPv6.parse(text);
-  return null;
+  if (text.includes("%") || !text.includes(":")) return null;
+  // ipaddr.js reads any dotted tail as IPv4-mapped ("::127.0.0.1" becomes "::ffff:7f00:1");
+  // spell the tail as two hex groups so the address keeps its own prefix.
+  const tail = /^(.*:)([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+)$/.exec(text);
+  if (tail) {
+    const quad = tail[2] as string;
+    if (!ipaddr.IPv4.isValidFourPartDecimal(quad)) return null;
+    const [a, b, c, d] = ipaddr.IPv4.parse(quad).octets as [number, number, number, number];
+    text = `${tail[1]}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  return ipaddr.IPv6.isValid(text) ? ipaddr.IPv6.parse(text) : null;
 }
 
 function toBigInt(addr: ipaddr.IPv4 | ipaddr.IPv6): bigint {

@@ -47,6 +47,10 @@ export interface DaemonConfig {
     maxAddressesPerName: number;
     allowPrivateAddresses: boolean;
   };
+  dns: {
+    /** Deadline of one query to one resolver (UDP and the TCP retry after truncation), ms. */
+    queryTimeoutMs: number;
+  };
   audit: { schedule: string; repair: boolean };
   log: { level: "fatal" | "error" | "warn" | "info" | "debug" | "trace" };
 }
@@ -60,6 +64,7 @@ export const DEFAULT_CONFIG: DaemonConfig = {
     maxAddressesPerName: 64,
     allowPrivateAddresses: true,
   },
+  dns: { queryTimeoutMs: 2000 },
   audit: { schedule: "*/5 * * * *", repair: true },
   log: { level: "info" },
 };
@@ -145,6 +150,13 @@ export const CONFIG_SCHEMA = {
         graceSeconds: { type: "integer", minimum: 0 },
         maxAddressesPerName: { type: "integer", minimum: 1, maximum: 4096 },
         allowPrivateAddresses: { type: "boolean" },
+      },
+    },
+    dns: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        queryTimeoutMs: { type: "integer", minimum: 100, maximum: 60000 },
       },
     },
     audit: {
@@ -276,6 +288,7 @@ export function validateConfig(raw: unknown, file: string): DaemonConfig {
     table?: string;
     resolvers?: unknown[];
     refresh?: Partial<DaemonConfig["refresh"]>;
+    dns?: Partial<DaemonConfig["dns"]>;
     audit?: Partial<DaemonConfig["audit"]>;
     log?: Partial<DaemonConfig["log"]>;
   };
@@ -283,6 +296,7 @@ export function validateConfig(raw: unknown, file: string): DaemonConfig {
     table: doc.table ?? DEFAULT_CONFIG.table,
     ...(Array.isArray(doc.resolvers) ? { resolvers: doc.resolvers as string[] } : {}),
     refresh: { ...DEFAULT_CONFIG.refresh, ...doc.refresh },
+    dns: { ...DEFAULT_CONFIG.dns, ...doc.dns },
     audit: { ...DEFAULT_CONFIG.audit, ...doc.audit },
     log: { ...DEFAULT_CONFIG.log, ...doc.log },
   };

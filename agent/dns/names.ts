@@ -1,14 +1,23 @@
 /**
- * DNS bookkeeping for the daemon (pure: the clock is a parameter, no I/O).
+ * DNS bookkeeping for the refresh loop (pure: the clock is a parameter, no I/O).
  *
- * For each name: the addresses of the last successful answer ("current"), and for every
- * address ever seen, until when it stays allowed: the end of the TTL of the last answer that
- * contained it, plus the grace period. Current addresses stay allowed while DNS fails
- * (fail-static); addresses no longer returned stay until their grace runs out; NXDOMAIN
- * empties "current", so the name's addresses go when their grace runs out.
+ * Each name has two independent families, A (4) and AAAA (6). For each: the addresses of the
+ * last successful answer ("current"), and for every address seen, until when it stays allowed.
+ * A family whose queries fail keeps its current addresses (fail-static) while the other family
+ * goes on; an address that leaves the answer (rotation, NODATA, NXDOMAIN) stays allowed for
+ * the grace period, counted from the moment egressd learns it left (so after an outage the
+ * grace starts at the recovery). Every address held has passed the address filter under the
+ * current settings: a narrower config or a new host address prunes what is held at once.
  */
-import { filterAddresses, type Dropped } from "../../rules/resolution.ts";
-import type { Resolution } from "./dns.client.ts";
+import type { Family } from "../../rules/addresses.ts";
+import {
+  classify,
+  filterAddresses,
+  refuseReason,
+  type Dropped,
+} from "../../rules/address-filter.ts";
+import type { Problem } from "../../rules/errors.ts";
+import type { Lookup, Resolution } from "./dns.client.ts";
 
 export interface RefreshSettings {
   minTtlSeconds: number;
@@ -18,16 +27,21 @@ export interface RefreshSettings {
   allowPrivateAddresses: boolean;
 }
 
-export interface NameState {
-  /** Addresses of the last successful answer (empty after NXDOMAIN). */
+export interface FilterContext {
+  /** The host's own addresses, canonical. */
+  hostAddresses: ReadonlySet<string>;
+}
+
+export interface FamilyState {
+  /** Addresses of the last successful answer that passed the filter (empty after NODATA or NXDOMAIN). */
   current: string[];
-  /** address -> epoch ms until which it stays allowed (answer TTL end + grace). */
+  /** address -> epoch ms until which it stays allowed once it is no longer current. */
   until: Record<string, number>;
-  /** Epoch ms of the last answer (success or NXDOMAIN), or null if never answered. */
+  /** Epoch ms of the last answer (success, NODATA or NXDOMAIN), or null if never answered. */
   lastAnswer: number | null;
   /** Epoch ms of the last attempt. */
   lastAttempt: number | null;
-  /** Epoch ms when the name is due for resolution. */
+  /** Epoch ms when this family is due for resolution. */
   nextRefresh: number;
   /** TTL of the last answer after clamping, seconds. */
   ttl: number | null;
@@ -36,16 +50,15 @@ export interface NameState {
   lastError: { code: string; message: string; at: number } | null;
   /** Addresses the last answer held that may not be allowed, and why. */
   dropped: Dropped[];
+  /** CNAME chain of the last answer. */
+  chain: string[];
 }
 
-export interface Observed {
-  name: string;
-  /** Allowed addresses before and after. */
-  before: string[];
-  after: string[];
-}
+export type NameState = Record<Family, FamilyState>;
 
-/** Backoff after `failures` consecutive failures: minTtl doubled each time, capped at maxTtl (seconds). */
+export const FAMILIES: readonly Family[] = [4, 6];
+
+/** Backoff after `failures` consecutive failures: the TTL floor doubled each time, at most 5 min. */
 export function backoffSeconds(failures: number, s: RefreshSettings): number {
   const base = Math.max(1, Math.min(s.minTtlSeconds, 30));
   return Math.min(base * 2 ** Math.max(0, failures - 1), s.maxTtlSeconds, 300);
@@ -55,7 +68,7 @@ export function clampTtl(ttl: number, s: RefreshSettings): number {
   return Math.min(Math.max(ttl, s.minTtlSeconds), s.maxTtlSeconds);
 }
 
-function fresh(now: number): NameState {
+function freshFamily(now: number): FamilyState {
   return {
     current: [],
     until: {},
@@ -66,16 +79,52 @@ function fresh(now: number): NameState {
     failures: 0,
     lastError: null,
     dropped: [],
+    chain: [],
   };
 }
 
+const fresh = (now: number): NameState => ({ 4: freshFamily(now), 6: freshFamily(now) });
+
 export class NameTable {
   private readonly names = new Map<string, NameState>();
+  private host: ReadonlySet<string> = new Set();
 
   constructor(private settings: RefreshSettings) {}
 
-  configure(settings: RefreshSettings): void {
+  /**
+   * New settings and host addresses. What no longer passes the filter, and current addresses
+   * beyond a lowered cap, are forgotten at once; returns what was pruned.
+   */
+  configure(settings: RefreshSettings, ctx?: FilterContext): (Dropped & { name: string })[] {
     this.settings = settings;
+    if (ctx) this.host = ctx.hostAddresses;
+    const pruned: (Dropped & { name: string })[] = [];
+    for (const [name, st] of this.names) {
+      for (const f of FAMILIES) {
+        const fam = st[f];
+        const keep = (a: string, why: string | null) => {
+          if (!why) return true;
+          pruned.push({ name, address: a, reason: why });
+          return false;
+        };
+        fam.current = fam.current.filter((a) => keep(a, this.reason(a)));
+        for (const a of fam.current.slice(settings.maxAddressesPerName)) {
+          keep(a, `over maxAddressesPerName (${settings.maxAddressesPerName})`);
+          delete fam.until[a];
+        }
+        fam.current = fam.current.slice(0, settings.maxAddressesPerName);
+        for (const a of Object.keys(fam.until))
+          if (!fam.current.includes(a) && !keep(a, this.reason(a))) delete fam.until[a];
+      }
+    }
+    return pruned;
+  }
+
+  private reason(address: string): string | null {
+    return refuseReason(address, {
+      allowPrivateAddresses: this.settings.allowPrivateAddresses,
+      hostAddresses: this.host,
+    });
   }
 
   /** Keeps exactly `names`: new ones are due now; ones no service allows any more are forgotten. */
@@ -110,13 +159,18 @@ export class NameTable {
     return [...this.names.keys()].sort();
   }
 
-  /** Addresses allowed for `name` at `now`: the current answer plus those still in grace. */
+  /** Addresses allowed for `name` at `now`: current answers plus those still in grace. */
   allowed(name: string, now: number): string[] {
     const st = this.names.get(name);
     if (!st) return [];
-    const out = new Set(st.current);
-    for (const [addr, until] of Object.entries(st.until)) if (until > now) out.add(addr);
-    return [...out].sort();
+    const out: string[] = [];
+    for (const f of FAMILIES) {
+      const fam = st[f];
+      const set = new Set(fam.current);
+      for (const [addr, until] of Object.entries(fam.until)) if (until > now) set.add(addr);
+      out.push(...[...set].sort());
+    }
+    return out;
   }
 
   /** Allowed addresses of every tracked name. */
@@ -124,73 +178,95 @@ export class NameTable {
     return new Map(this.list().map((n) => [n, this.allowed(n, now)]));
   }
 
-  /** Records a resolution result; returns how the allowed addresses changed. */
-  observe(name: string, result: Resolution, now: number): Observed {
+  /** Records one family's resolution result. */
+  observe(name: string, family: Family, result: Resolution, now: number): void {
     const st = this.names.get(name) ?? fresh(now);
     this.names.set(name, st);
-    const before = this.allowed(name, now);
-    st.lastAttempt = now;
-    if (result.ok) {
-      const f = filterAddresses(result.answer.addresses, {
-        allowPrivate: this.settings.allowPrivateAddresses,
-        max: this.settings.maxAddressesPerName,
-      });
-      // An empty answer (NODATA) carries no TTL worth trusting; re-ask at the floor.
-      const ttl = clampTtl(
-        f.kept.length ? result.answer.ttl : this.settings.minTtlSeconds,
-        this.settings,
-      );
-      const until = now + (ttl + this.settings.graceSeconds) * 1000;
-      st.current = f.kept;
-      for (const a of f.kept) st.until[a] = Math.max(st.until[a] ?? 0, until);
-      st.dropped = f.dropped;
-      st.ttl = ttl;
-      st.lastAnswer = now;
-      st.failures = 0;
-      st.lastError = null;
-      st.nextRefresh = now + ttl * 1000;
-    } else if (result.code === "NXDOMAIN") {
-      // The name is gone: its addresses leave when their grace runs out.
-      st.current = [];
-      st.dropped = [];
-      st.lastAnswer = now;
-      st.failures = 0;
-      st.lastError = { code: result.code, message: result.message, at: now };
-      st.ttl = this.settings.minTtlSeconds;
-      st.nextRefresh = now + this.settings.minTtlSeconds * 1000;
-    } else {
+    const fam = st[family];
+    const s = this.settings;
+    fam.lastAttempt = now;
+    if (!result.ok && result.code !== "NXDOMAIN") {
       // Fail-static: keep what we have, ask again after a backoff.
-      st.failures += 1;
-      st.lastError = { code: result.code, message: result.message, at: now };
-      st.nextRefresh = now + backoffSeconds(st.failures, this.settings) * 1000;
+      fam.failures += 1;
+      fam.lastError = { code: result.code, message: result.message, at: now };
+      fam.nextRefresh = now + backoffSeconds(fam.failures, s) * 1000;
+      return;
     }
-    this.prune(st, now);
-    return { name, before, after: this.allowed(name, now) };
+    let next: string[] = [];
+    let dropped: Dropped[] = [];
+    let ttl = s.minTtlSeconds;
+    if (result.ok) {
+      const f = filterAddresses(
+        result.answer.addresses.filter((a) => classify(a)?.family === family),
+        { allowPrivateAddresses: s.allowPrivateAddresses, hostAddresses: this.host },
+      );
+      next = f.kept.slice(0, s.maxAddressesPerName);
+      dropped = [
+        ...f.dropped,
+        ...f.kept.slice(s.maxAddressesPerName).map((address) => ({
+          address,
+          reason: `over maxAddressesPerName (${s.maxAddressesPerName})`,
+        })),
+      ];
+      // An empty answer (NODATA) carries no TTL worth trusting; ask again at the floor.
+      ttl = clampTtl(next.length ? result.answer.ttl : s.minTtlSeconds, s);
+      fam.chain = result.answer.chain;
+      fam.lastError = null;
+    } else {
+      fam.lastError = { code: result.code, message: result.message, at: now };
+      fam.chain = [];
+    }
+    const grace = s.graceSeconds * 1000;
+    // An address leaving the answer keeps its grace from now, when egressd learns it left:
+    // after an outage that is the recovery, not the TTL of an answer long past.
+    for (const a of fam.current)
+      if (!next.includes(a)) fam.until[a] = Math.max(fam.until[a] ?? 0, now + grace);
+    for (const a of next) fam.until[a] = Math.max(fam.until[a] ?? 0, now + ttl * 1000 + grace);
+    fam.current = next;
+    fam.dropped = dropped;
+    fam.ttl = ttl;
+    fam.lastAnswer = now;
+    fam.failures = 0;
+    fam.nextRefresh = now + ttl * 1000;
+    this.prune(fam, now);
   }
 
-  /** Names whose refresh is due at `now`. */
-  dueForRefresh(now: number): string[] {
-    return this.list().filter((n) => (this.names.get(n)?.nextRefresh ?? Infinity) <= now);
+  /** (name, family) pairs whose refresh is due at `now`. */
+  dueForRefresh(now: number): Lookup[] {
+    const out: Lookup[] = [];
+    for (const name of this.list()) {
+      const st = this.names.get(name) as NameState;
+      for (const family of FAMILIES) if (st[family].nextRefresh <= now) out.push({ name, family });
+    }
+    return out;
+  }
+
+  /** Both families of each name. */
+  static lookups(names: Iterable<string>): Lookup[] {
+    return [...names].flatMap((name) => FAMILIES.map((family) => ({ name, family })));
   }
 
   /** The next moment anything changes on its own: a refresh falls due or an address's grace ends. */
   nextEvent(now: number): number | null {
     let next = Infinity;
     for (const st of this.names.values()) {
-      next = Math.min(next, st.nextRefresh);
-      const current = new Set(st.current);
-      for (const [addr, until] of Object.entries(st.until)) {
-        if (!current.has(addr) && until > now) next = Math.min(next, until);
+      for (const f of FAMILIES) {
+        const fam = st[f];
+        next = Math.min(next, fam.nextRefresh);
+        const current = new Set(fam.current);
+        for (const [addr, until] of Object.entries(fam.until)) {
+          if (!current.has(addr) && until > now) next = Math.min(next, until);
+        }
       }
     }
     return next === Infinity ? null : next;
   }
 
   /** Forgets expired addresses that are not current (bookkeeping only; `allowed` already ignores them). */
-  private prune(st: NameState, now: number): void {
-    const current = new Set(st.current);
-    for (const [addr, until] of Object.entries(st.until)) {
-      if (!current.has(addr) && until <= now) delete st.until[addr];
+  private prune(fam: FamilyState, now: number): void {
+    const current = new Set(fam.current);
+    for (const [addr, until] of Object.entries(fam.until)) {
+      if (!current.has(addr) && until <= now) delete fam.until[addr];
     }
   }
 
@@ -199,25 +275,114 @@ export class NameTable {
     return Object.fromEntries(this.list().map((n) => [n, this.names.get(n) as NameState]));
   }
 
-  /** Restores saved state: the last-known addresses, so a restart can enforce before any DNS query. */
-  static fromJSON(data: unknown, settings: RefreshSettings): NameTable {
+  /**
+   * Restores saved resolutions as a cache, never as an authority: only names still in policy,
+   * only single addresses of the right family that pass the filter under the current settings,
+   * only expiries within maxTtl + grace from now. Everything else is left out and reported,
+   * naming `file` and the entry. Accepts the per-family form and the older single-list form.
+   */
+  static fromJSON(
+    data: unknown,
+    settings: RefreshSettings,
+    opts: {
+      names: Iterable<string>;
+      now: number;
+      file: string;
+      hostAddresses?: ReadonlySet<string>;
+    },
+  ): { table: NameTable; problems: Problem[] } {
     const t = new NameTable(settings);
-    if (data && typeof data === "object") {
-      for (const [name, raw] of Object.entries(data as Record<string, Partial<NameState>>)) {
-        if (!raw || !Array.isArray(raw.current)) continue;
-        t.names.set(name, {
-          current: raw.current.filter((a): a is string => typeof a === "string"),
-          until: raw.until && typeof raw.until === "object" ? { ...raw.until } : {},
-          lastAnswer: typeof raw.lastAnswer === "number" ? raw.lastAnswer : null,
-          lastAttempt: typeof raw.lastAttempt === "number" ? raw.lastAttempt : null,
-          nextRefresh: typeof raw.nextRefresh === "number" ? raw.nextRefresh : 0,
-          ttl: typeof raw.ttl === "number" ? raw.ttl : null,
-          failures: typeof raw.failures === "number" ? raw.failures : 0,
-          lastError: raw.lastError ?? null,
-          dropped: Array.isArray(raw.dropped) ? raw.dropped : [],
-        });
+    t.host = opts.hostAddresses ?? new Set();
+    const problems: Problem[] = [];
+    const wanted = new Set(opts.names);
+    const { now, file } = opts;
+    const latest = now + (settings.maxTtlSeconds + settings.graceSeconds) * 1000;
+    const entries =
+      data && typeof data === "object" ? Object.entries(data as Record<string, unknown>) : [];
+    for (const [name, raw] of entries) {
+      const where = `${file}: names["${name}"]`;
+      if (!wanted.has(name)) {
+        problems.push({ where, text: "not a name any service allows; left out" });
+        continue;
       }
+      if (!raw || typeof raw !== "object") {
+        problems.push({ where, text: "not an object; left out" });
+        continue;
+      }
+      const r = raw as Record<string, unknown>;
+      // Older state files kept one list per name; split it by family.
+      const legacy = !("4" in r || "6" in r);
+      const families: Record<Family, Record<string, unknown>> = legacy
+        ? { 4: r, 6: r }
+        : {
+            4: (r["4"] ?? {}) as Record<string, unknown>,
+            6: (r["6"] ?? {}) as Record<string, unknown>,
+          };
+      const st = fresh(now);
+      for (const family of FAMILIES) {
+        const src = families[family];
+        const fam = st[family];
+        const at = `${where}[${family === 4 ? "A" : "AAAA"}]`;
+        const accept = (value: unknown): string | null => {
+          const text = JSON.stringify(value);
+          const c = typeof value === "string" ? classify(value) : null;
+          // The older form mixes families in one list: each family takes its own and the
+          // IPv4 pass reports what is no address at all.
+          if (legacy && (c ? c.family !== family : family === 6)) return null;
+          if (!c) {
+            const kind = text.includes("/") ? "a network, not an address" : "not an address";
+            problems.push({ where: at, text: `${text} is ${kind}; left out` });
+            return null;
+          }
+          if (c.family !== family) {
+            problems.push({
+              where: at,
+              text: `${c.address} is not an IPv${family} address; left out`,
+            });
+            return null;
+          }
+          const why = t.reason(c.address);
+          if (why) {
+            problems.push({ where: at, text: `${c.address}: ${why}; left out` });
+            return null;
+          }
+          return c.address;
+        };
+        const current = Array.isArray(src.current) ? src.current : [];
+        for (const v of current) {
+          const a = accept(v);
+          if (a && !fam.current.includes(a)) fam.current.push(a);
+        }
+        fam.current = fam.current.slice(0, settings.maxAddressesPerName);
+        const until =
+          src.until && typeof src.until === "object" ? (src.until as Record<string, unknown>) : {};
+        for (const [addr, when] of Object.entries(until)) {
+          const a = accept(addr);
+          if (!a) continue;
+          if (typeof when !== "number" || !Number.isFinite(when)) continue;
+          if (when > latest) {
+            problems.push({
+              where: at,
+              text: `${a} expires ${new Date(when).toISOString()}, later than maxTtlSeconds + graceSeconds from now; left out`,
+            });
+            fam.current = fam.current.filter((x) => x !== a);
+            continue;
+          }
+          if (when > now || fam.current.includes(a)) fam.until[a] = when;
+        }
+        const num = (v: unknown) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+        fam.lastAnswer = num(src.lastAnswer);
+        fam.lastAttempt = num(src.lastAttempt);
+        fam.ttl = num(src.ttl);
+        fam.failures = Math.max(0, Math.floor(num(src.failures) ?? 0));
+        // Never later than one maximal TTL from now, whatever the file says.
+        fam.nextRefresh = Math.min(
+          num(src.nextRefresh) ?? now,
+          now + settings.maxTtlSeconds * 1000,
+        );
+      }
+      t.names.set(name, st);
     }
-    return t;
+    return { table: t, problems };
   }
 }

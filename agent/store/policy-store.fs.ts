@@ -6,8 +6,8 @@
 import { mkdir, readdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import lockfile from "proper-lockfile";
-import writeFileAtomic from "write-file-atomic";
 import { EgressError, invalid, type Problem } from "../../rules/errors.ts";
+import { writeSafely } from "./safe-file.fs.ts";
 import {
   DEFAULT_CONFIG,
   serviceToJSON,
@@ -35,6 +35,7 @@ function parseJSON(text: string, file: string): unknown {
 }
 
 function fsError(err: unknown, what: string): EgressError {
+  if (err instanceof EgressError) return err;
   const e = err as NodeJS.ErrnoException;
   return new EgressError("ERR_EGRESS_FS", `cannot ${what}: ${e.message}`, {
     exitCode: 3,
@@ -153,10 +154,7 @@ export class PolicyStore {
   /** Writes a service policy atomically (call inside `locked`). */
   async writeService(p: ServicePolicy): Promise<void> {
     try {
-      await writeFileAtomic(this.serviceFile(p.name), serviceToJSON(p), {
-        mode: 0o644,
-        fsync: true,
-      });
+      await writeSafely(this.serviceFile(p.name), serviceToJSON(p), { mode: 0o644 });
     } catch (err) {
       throw fsError(err, `write ${this.serviceFile(p.name)}`);
     }

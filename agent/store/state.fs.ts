@@ -1,10 +1,17 @@
-/** The daemon's state dir: last-known resolutions and the last applied ruleset's digest, written atomically. */
-import { mkdir, readFile, stat } from "node:fs/promises";
+/**
+ * The state dir: last-known resolutions and the last applied ruleset's digest. A cache, never
+ * an authority (what is loaded is filtered like a fresh DNS answer, see dns/names.ts). The
+ * dir belongs to the daemon's own user; root writes into it too (one-shot apply), so every
+ * read and write goes through safe-file.fs.ts and never follows a link planted there.
+ */
+import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import writeFileAtomic from "write-file-atomic";
+import { EgressError } from "../../rules/errors.ts";
+import { checkReplaceable, dirOwner, ownersFor, readSafely, writeSafely } from "./safe-file.fs.ts";
 
 export interface SavedState {
-  version: 1;
+  /** 2: per-family resolutions; 1 (read only): one address list per name. */
+  version: 1 | 2;
   savedAt: number;
   names: unknown;
   applied?: { digest: string; at: number };
@@ -17,24 +24,42 @@ export class StateStore {
     return join(this.dir, "state.json");
   }
 
-  /** The saved state, or null when there is none or it cannot be read (a fresh start). */
+  /**
+   * The saved state, or null with the reason when there is none or it is unreadable (a fresh
+   * start: DNS refills it). Throws (exit 3) when the path is unsafe: a link, or a file someone
+   * else owns.
+   */
   async load(): Promise<{ state: SavedState | null; problem?: string }> {
-    let text: string;
+    let text: string | null;
     try {
-      text = await readFile(this.file, "utf8");
+      const owner = await dirOwner(this.dir);
+      text = await readSafely(this.file, ownersFor(owner.uid));
     } catch (err) {
+      if (err instanceof EgressError) throw err;
       const e = err as NodeJS.ErrnoException;
-      return e.code === "ENOENT"
-        ? { state: null }
-        : { state: null, problem: `cannot read ${this.file}: ${e.message}` };
+      if (e.code === "ENOENT") return { state: null };
+      return { state: null, problem: `cannot read ${this.file}: ${e.message}` };
     }
+    if (text === null) return { state: null };
+    let data: SavedState;
     try {
-      const data = JSON.parse(text) as SavedState;
-      if (data?.version !== 1)
-        return { state: null, problem: `${this.file}: unknown state version` };
-      return { state: data };
+      data = JSON.parse(text) as SavedState;
     } catch (err) {
       return { state: null, problem: `${this.file} is not valid JSON: ${(err as Error).message}` };
+    }
+    if (!data || typeof data !== "object" || (data.version !== 1 && data.version !== 2))
+      return { state: null, problem: `${this.file}: unknown state version` };
+    return { state: data };
+  }
+
+  /** Fails (exit 3) unless the state file could be written safely; writes nothing. */
+  async checkWritable(): Promise<void> {
+    try {
+      const owner = await dirOwner(this.dir);
+      await checkReplaceable(this.file, ownersFor(owner.uid));
+    } catch (err) {
+      if (err instanceof EgressError) throw err;
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
     }
   }
 
@@ -44,11 +69,11 @@ export class StateStore {
    */
   async save(state: SavedState): Promise<void> {
     await mkdir(this.dir, { recursive: true, mode: 0o700 });
-    const owner = await stat(this.dir);
-    await writeFileAtomic(this.file, JSON.stringify(state) + "\n", {
+    const owner = await dirOwner(this.dir);
+    await writeSafely(this.file, JSON.stringify(state) + "\n", {
       mode: 0o600,
-      fsync: true,
-      ...(process.getuid?.() === 0 ? { chown: { uid: owner.uid, gid: owner.gid } } : {}),
+      owner,
+      owners: ownersFor(owner.uid),
     });
   }
 }

@@ -73,7 +73,10 @@ test("during a DNS outage the last-known addresses keep working", async () => {
     assert.is(await sb.try1(SVC_UID, "tcp", X, 443), "connected");
     const status = JSON.parse((await sb.egressctl("--json", "status", "svc-web")).stdout) as {
       services: {
-        names: { addresses: { address: string }[]; lastError: { code: string } | null }[];
+        names: {
+          addresses: { address: string }[];
+          A: { lastError: { code: string } | null };
+        }[];
       }[];
     };
     const name = status.services[0]?.names[0];
@@ -81,7 +84,10 @@ test("during a DNS outage the last-known addresses keep working", async () => {
       name?.addresses.map((a) => a.address),
       [X],
     );
-    assert.ok(["TIMEOUT", "SERVFAIL"].includes(name?.lastError?.code ?? ""), JSON.stringify(name));
+    assert.ok(
+      ["TIMEOUT", "SERVFAIL"].includes(name?.A.lastError?.code ?? ""),
+      JSON.stringify(name),
+    );
   });
 });
 

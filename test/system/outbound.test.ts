@@ -123,7 +123,7 @@ test("a name that resolves to 169.254.169.254 is not allowed, and apply says why
     await ok(sb, "allow", "svc-web", "metadata.example.test:80");
     const r = await sb.egressctl("apply");
     assert.is(r.exitCode, 0, r.stderr);
-    assert.match(r.stderr, `not allowing ${METADATA} (link-local)`);
+    assert.match(r.stderr, `not allowing ${METADATA} (cloud metadata)`);
     assert.is(await sb.try1(SVC_UID, "tcp", METADATA, 80), "ECONNREFUSED");
     assert.is(
       await sb.try1(UNMANAGED_UID, "tcp", METADATA, 80),
