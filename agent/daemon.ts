@@ -487,7 +487,6 @@ export class Daemon {
   async reload(): Promise<ApplySummary> {
     const added = await this.serial(async () => {
       if (!(await this.load())) throw this.loadError;
-      const l = this.loaded as Loaded;
       // First successful load after a start that could not load: begin from the saved state.
       if (!this.names) this.restoreNames();
       return (this.names as NameTable).track(this.policyNames(), this.deps.clock()).added;

@@ -181,14 +181,12 @@ const REASON: Record<AddressClass, string> = {
 };
 
 function verdict(c: Classified, s: FilterSettings): string | null {
+  const open = c.cls === "global" || c.cls === "documentation" || PRIVATE_CLASSES.has(c.cls);
+  if (!open) return REASON[c.cls];
   if (s.hostAddresses.has(c.address)) return "an address of this host";
-  if (c.cls === "global" || c.cls === "documentation") return null;
-  if (PRIVATE_CLASSES.has(c.cls)) {
-    return s.allowPrivateAddresses
-      ? null
-      : `${REASON[c.cls]}, and refresh.allowPrivateAddresses is false`;
-  }
-  return REASON[c.cls];
+  if (PRIVATE_CLASSES.has(c.cls) && !s.allowPrivateAddresses)
+    return `${REASON[c.cls]}, and refresh.allowPrivateAddresses is false`;
+  return null;
 }
 
 /**

@@ -375,6 +375,9 @@ export class NameTable {
         fam.lastAttempt = num(src.lastAttempt);
         fam.ttl = num(src.ttl);
         fam.failures = Math.max(0, Math.floor(num(src.failures) ?? 0));
+        const e = src.lastError as { code?: unknown; message?: unknown; at?: unknown } | null;
+        if (e && typeof e.code === "string" && typeof e.message === "string" && num(e.at) !== null)
+          fam.lastError = { code: e.code, message: e.message, at: e.at as number };
         // Never later than one maximal TTL from now, whatever the file says.
         fam.nextRefresh = Math.min(
           num(src.nextRefresh) ?? now,

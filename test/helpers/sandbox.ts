@@ -60,9 +60,20 @@ export interface Listen {
   port: number;
 }
 
+type Rcode = "NXDOMAIN" | "SERVFAIL" | "REFUSED" | "DROP";
+/** What the test DNS server answers; see test/fixtures/peer.ts. */
 export type Records = Record<
   string,
-  { A?: string[]; AAAA?: string[]; CNAME?: string; ttl?: number; rcode?: string }
+  {
+    A?: string[];
+    AAAA?: string[];
+    CNAME?: string;
+    ttl?: number;
+    rcode?: Rcode;
+    rcodes?: { A?: Rcode; AAAA?: Rcode };
+    truncate?: boolean;
+    tcp?: "stall";
+  }
 >;
 
 export interface Attempt {
@@ -257,6 +268,16 @@ export class Sandbox {
   /** Runs egressctl inside the namespace against this sandbox's config dir and socket. */
   egressctl(...args: string[]) {
     return this.exec(process.execPath, [EGRESSCTL, ...this.pathFlags, ...args]);
+  }
+
+  /** Runs egressctl and returns its stdout; throws (naming the command and output) unless it exits 0. */
+  async ok(...args: string[]): Promise<string> {
+    const r = await this.egressctl(...args);
+    if (r.exitCode !== 0)
+      throw new Error(
+        `egressctl ${args.join(" ")} exited ${r.exitCode}:\n${r.stdout}\n${r.stderr}`,
+      );
+    return r.stdout;
   }
 
   /**

@@ -19,12 +19,6 @@ const rotating = (addresses: string[], ttl = 1): Records => ({
   "rot.example.test": { A: addresses, ttl },
 });
 
-async function ok(sb: Sandbox, ...args: string[]): Promise<string> {
-  const r = await sb.egressctl(...args);
-  assert.is(r.exitCode, 0, `egressctl ${args.join(" ")}: ${r.stdout}\n${r.stderr}`);
-  return r.stdout;
-}
-
 const reaches =
   (sb: Sandbox, host: string, port = 443) =>
   async () =>
@@ -36,9 +30,9 @@ const refused =
 
 test("a CLI change is enforced when the command returns; a new address is picked up within its TTL; the old one goes after the grace period", async () => {
   await withSandbox({ ...WORLD, records: rotating([X]), config: FAST }, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
     const d = await sb.startDaemon();
-    const out = await ok(sb, "allow", "svc-web", "rot.example.test:443");
+    const out = await sb.ok("allow", "svc-web", "rot.example.test:443");
     assert.match(out, "applied by egressd");
     assert.is(await sb.try1(SVC_UID, "tcp", X, 443), "connected", "enforced when allow returned");
     assert.is(await sb.try1(SVC_UID, "tcp", Y, 443), "ECONNREFUSED");
@@ -61,8 +55,8 @@ test("a CLI change is enforced when the command returns; a new address is picked
 
 test("during a DNS outage the last-known addresses keep working", async () => {
   await withSandbox({ ...WORLD, records: rotating([X]), config: FAST }, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "rot.example.test:443");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "rot.example.test:443");
     const d = await sb.startDaemon();
     await eventually(reaches(sb, X), 10_000, "allowed before the outage");
     sb.setRecords({ "rot.example.test": { rcode: "SERVFAIL" } });
@@ -93,8 +87,8 @@ test("during a DNS outage the last-known addresses keep working", async () => {
 
 test("NXDOMAIN removes a name's addresses once the grace period is over", async () => {
   await withSandbox({ ...WORLD, records: rotating([X]), config: FAST }, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "rot.example.test:443");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "rot.example.test:443");
     await sb.startDaemon();
     await eventually(reaches(sb, X), 10_000, "allowed at first");
     sb.setRecords({});
@@ -104,8 +98,8 @@ test("NXDOMAIN removes a name's addresses once the grace period is over", async 
 
 test("after SIGKILL the kernel keeps enforcing; a restart with DNS down enforces from saved state before any DNS query", async () => {
   await withSandbox({ ...WORLD, records: rotating([X], 60), config: FAST }, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "rot.example.test:443");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "rot.example.test:443");
     const first = await sb.startDaemon();
     await eventually(reaches(sb, X), 10_000, "allowed while running");
     await first.stop("SIGKILL");
@@ -156,7 +150,7 @@ function raw(socket: string, data: string): Promise<string> {
 
 test("malformed and oversized control requests get error replies and the daemon keeps serving", async () => {
   await withSandbox({ ...WORLD, config: FAST }, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
     const d = await sb.startDaemon();
     assert.match(await raw(sb.socket, "this is not json\n"), '"ERR_EGRESS_BAD_REQUEST"');
     assert.match(
@@ -175,8 +169,8 @@ test("malformed and oversized control requests get error replies and the daemon 
 
 test("a broken policy file leaves the previous policy enforced, and says so", async () => {
   await withSandbox({ ...WORLD, config: FAST }, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", `${DB}:5432`);
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", `${DB}:5432`);
     const d = await sb.startDaemon();
     assert.is(await sb.try1(SVC_UID, "tcp", DB, 5432), "connected");
     const file = sb.servicesFile("svc-web");
@@ -204,17 +198,17 @@ test("a refresh that changes nothing makes no nft call; one that changes somethi
     const wrapper = join(sb.dir, "nft-counting");
     writeFileSync(wrapper, `#!/bin/sh\necho "$*" >> ${calls}\nexec nft "$@"\n`, { mode: 0o755 });
     const count = () => readFileSync(calls, "utf8").trim().split("\n").length;
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "rot.example.test:443");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "rot.example.test:443");
     const d = await sb.startDaemon({ EGRESSD_NFT: wrapper });
     await eventually(reaches(sb, X), 10_000, "allowed");
     const before = count();
-    assert.match(await ok(sb, "refresh"), "no change");
-    assert.match(await ok(sb, "refresh", "svc-web"), "no change");
+    assert.match(await sb.ok("refresh"), "no change");
+    assert.match(await sb.ok("refresh", "svc-web"), "no change");
     assert.is(count(), before, "no nft call for a refresh that changed nothing");
 
     sb.setRecords(rotating([X, Y], 3600));
-    assert.match(await ok(sb, "refresh"), "set element(s) changed");
+    assert.match(await sb.ok("refresh"), "set element(s) changed");
     assert.is(count(), before + 1, "one transaction for the change");
     const last = readFileSync(calls, "utf8").trim().split("\n").pop() ?? "";
     assert.match(last, "-j -f");
@@ -226,13 +220,13 @@ test("a refresh that changes nothing makes no nft call; one that changes somethi
 test("egressd runs as an unprivileged user with only CAP_NET_ADMIN, as its systemd unit runs it", async () => {
   await withSandbox({ ...WORLD, records: rotating([X], 60), config: FAST }, async (sb) => {
     const DAEMON_UID = 64_999;
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
     mkdirSync(sb.stateDir, { recursive: true });
     chownSync(sb.stateDir, DAEMON_UID, DAEMON_UID);
     chownSync(sb.dir, DAEMON_UID, DAEMON_UID); // where its socket goes (systemd's RuntimeDirectory=)
     // A one-shot apply by root first: the state it saves must stay readable by the daemon's user.
-    await ok(sb, "allow", "svc-web", `${DB}:5432`);
-    await ok(sb, "apply");
+    await sb.ok("allow", "svc-web", `${DB}:5432`);
+    await sb.ok("apply");
     assert.is(
       statSync(join(sb.stateDir, "state.json")).uid,
       DAEMON_UID,
@@ -241,11 +235,11 @@ test("egressd runs as an unprivileged user with only CAP_NET_ADMIN, as its syste
     const d = await sb.startDaemon({}, DAEMON_UID);
     await d.waitFor((l) => l.msg === "applied from saved state, before any DNS query");
 
-    assert.match(await ok(sb, "allow", "svc-web", "rot.example.test:443"), "applied by egressd");
+    assert.match(await sb.ok("allow", "svc-web", "rot.example.test:443"), "applied by egressd");
     assert.is(await sb.try1(SVC_UID, "tcp", X, 443), "connected");
     assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
     sb.setRecords(rotating([X, Y], 60));
-    assert.match(await ok(sb, "refresh"), "set element(s) changed");
+    assert.match(await sb.ok("refresh"), "set element(s) changed");
     assert.is(await sb.try1(SVC_UID, "tcp", Y, 443), "connected");
     const state = statSync(join(sb.stateDir, "state.json"));
     assert.is(state.uid, DAEMON_UID, "state written by the service user");

@@ -24,12 +24,6 @@ const SERVERS = [
   { proto: "udp" as const, host: HOST, port: 6354 },
 ];
 
-async function ok(sb: Sandbox, ...args: string[]): Promise<string> {
-  const r = await sb.egressctl(...args);
-  assert.is(r.exitCode, 0, `egressctl ${args.join(" ")}: ${r.stdout}\n${r.stderr}`);
-  return r.stdout;
-}
-
 /** A client on the internet side, from `source`, to the service's server on the host. */
 async function from(
   sb: Sandbox,
@@ -43,20 +37,11 @@ async function from(
 }
 
 async function setup(sb: Sandbox): Promise<void> {
-  await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-  await ok(
-    sb,
-    "allow-in",
-    "svc-web",
-    "9080",
-    "--from",
-    "192.0.2.0/24",
-    "--from",
-    "2001:db8:1::/48",
-  );
-  await ok(sb, "allow-in", "svc-web", "9081/tcp");
-  await ok(sb, "allow-in", "svc-web", "6353/udp", "--from", "192.0.2.0/24");
-  await ok(sb, "apply");
+  await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+  await sb.ok("allow-in", "svc-web", "9080", "--from", "192.0.2.0/24", "--from", "2001:db8:1::/48");
+  await sb.ok("allow-in", "svc-web", "9081/tcp");
+  await sb.ok("allow-in", "svc-web", "6353/udp", "--from", "192.0.2.0/24");
+  await sb.ok("apply");
   await sb.serveAs(SVC_UID, SERVERS);
 }
 
@@ -116,18 +101,15 @@ test("an egress-locked server serves its port while its own outbound attempts ar
 test("revoke-in takes effect; list and dry-run show inbound allowances", async () => {
   await withSandbox(WORLD, async (sb) => {
     await setup(sb);
-    assert.match(
-      await ok(sb, "list", "svc-web"),
-      "in  9080/tcp from 192.0.2.0/24, 2001:db8:1::/48",
-    );
+    assert.match(await sb.ok("list", "svc-web"), "in  9080/tcp from 192.0.2.0/24, 2001:db8:1::/48");
     assert.is(await from(sb, BAD, "tcp", 9081), "connected");
-    await ok(sb, "revoke-in", "svc-web", "9081");
-    const dry = await ok(sb, "apply", "--dry-run");
+    await sb.ok("revoke-in", "svc-web", "9081");
+    const dry = await sb.ok("apply", "--dry-run");
     // 9080 and 9081 were one range; now only 9080 is left.
     assert.match(dry, "- element in map in_dispatch: tcp . 9080-9081 : goto i_svc_web");
     assert.match(dry, "+ element in map in_dispatch: tcp . 9080 : goto i_svc_web");
     assert.match(dry, "- element in set s_svc_web_srvp: tcp . 9080-9081");
-    await ok(sb, "apply");
+    await sb.ok("apply");
     assert.is(await from(sb, BAD, "tcp", 9081), "timeout");
     assert.is(await from(sb, GOOD, "tcp", 9080), "connected");
   });

@@ -1,6 +1,6 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { withSandbox, type Sandbox } from "../helpers/sandbox.ts";
+import { withSandbox } from "../helpers/sandbox.ts";
 import {
   API4,
   API6,
@@ -17,17 +17,11 @@ import {
 
 const test = suite("outbound enforcement (real nft, real sockets, in a namespace)");
 
-async function ok(sb: Sandbox, ...args: string[]): Promise<string> {
-  const r = await sb.egressctl(...args);
-  assert.is(r.exitCode, 0, `egressctl ${args.join(" ")} failed: ${r.stderr}`);
-  return r.stdout;
-}
-
 test("every A and AAAA address of an allowed name is reachable on the allowed port; other ports and hosts are refused at once", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "api.example.test:443");
-    await ok(sb, "apply");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "api.example.test:443");
+    await sb.ok("apply");
     const results = await sb.probe(SVC_UID, [
       ...API4.map((host) => ({ proto: "tcp" as const, host, port: 443 })),
       { proto: "tcp", host: API6, port: 443 },
@@ -48,9 +42,9 @@ test("every A and AAAA address of an allowed name is reachable on the allowed po
 
 test("a UDP allowance lets datagrams through; other UDP ports are refused", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", `${DB}:5353/udp`);
-    await ok(sb, "apply");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", `${DB}:5353/udp`);
+    await sb.ok("apply");
     assert.is(await sb.try1(SVC_UID, "udp", DB, 5353), "reply");
     assert.is(await sb.try1(SVC_UID, "udp", DB, 5354), "EPERM");
     assert.is(
@@ -63,9 +57,9 @@ test("a UDP allowance lets datagrams through; other UDP ports are refused", asyn
 
 test("an IPv6 literal and a CIDR allowance match exactly their address and port", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", `[${V6HOST}]:443`, "198.51.100.64/26:8443");
-    await ok(sb, "apply");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", `[${V6HOST}]:443`, "198.51.100.64/26:8443");
+    await sb.ok("apply");
     const r = await sb.probe(SVC_UID, [
       { proto: "tcp", host: V6HOST, port: 443 },
       { proto: "tcp", host: V6HOST, port: 444 },
@@ -82,9 +76,9 @@ test("an IPv6 literal and a CIDR allowance match exactly their address and port"
 
 test("audit mode lets refused traffic through and counts it; an unmanaged uid is untouched", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-audit", "--user", String(AUDIT_UID), "--mode", "audit");
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "apply");
+    await sb.ok("register", "svc-audit", "--user", String(AUDIT_UID), "--mode", "audit");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("apply");
     assert.is(await sb.try1(AUDIT_UID, "tcp", OTHER, 443), "connected");
     assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
     assert.is(await sb.try1(UNMANAGED_UID, "tcp", OTHER, 443), "connected");
@@ -98,12 +92,12 @@ test("audit mode lets refused traffic through and counts it; an unmanaged uid is
 
 test("a service can use the configured resolver, unless its policy says dns none", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "register", "svc-nodns", "--user", String(AUDIT_UID));
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("register", "svc-nodns", "--user", String(AUDIT_UID));
     const file = sb.servicesFile("svc-nodns");
     const { writeFileSync, readFileSync } = await import("node:fs");
     writeFileSync(file, readFileSync(file, "utf8").replace('"dns": "system"', '"dns": "none"'));
-    await ok(sb, "apply");
+    await sb.ok("apply");
     const [allowed] = await sb.probe(SVC_UID, [
       { proto: "dns", host: "127.0.0.1", port: 53, name: "api.example.test" },
     ]);
@@ -119,8 +113,8 @@ test("a service can use the configured resolver, unless its policy says dns none
 
 test("a name that resolves to 169.254.169.254 is not allowed, and apply says why", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "metadata.example.test:80");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "metadata.example.test:80");
     const r = await sb.egressctl("apply");
     assert.is(r.exitCode, 0, r.stderr);
     assert.match(r.stderr, `not allowing ${METADATA} (cloud metadata)`);
@@ -135,9 +129,9 @@ test("a name that resolves to 169.254.169.254 is not allowed, and apply says why
 
 test("a CNAME chain is followed to its addresses", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "www.example.test:443");
-    await ok(sb, "apply");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "www.example.test:443");
+    await sb.ok("apply");
     assert.is(await sb.try1(SVC_UID, "tcp", API4[0] as string, 443), "connected");
     assert.is(await sb.try1(SVC_UID, "tcp", API4[1] as string, 443), "ECONNREFUSED");
   });
@@ -145,12 +139,12 @@ test("a CNAME chain is followed to its addresses", async () => {
 
 test("revoke takes effect on the next apply", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", `${DB}:5432`, "api.example.test:443");
-    await ok(sb, "apply");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", `${DB}:5432`, "api.example.test:443");
+    await sb.ok("apply");
     assert.is(await sb.try1(SVC_UID, "tcp", DB, 5432), "connected");
-    await ok(sb, "revoke", "svc-web", `${DB}:5432`);
-    await ok(sb, "apply");
+    await sb.ok("revoke", "svc-web", `${DB}:5432`);
+    await sb.ok("apply");
     assert.is(await sb.try1(SVC_UID, "tcp", DB, 5432), "ECONNREFUSED");
     assert.is(
       await sb.try1(SVC_UID, "tcp", API4[0] as string, 443),
@@ -170,12 +164,12 @@ test("other tables in the namespace survive every apply, byte for byte", async (
       await sb.nft("list", "table", "inet", "other"),
       await sb.nft("list", "table", "ip", "natlike"),
     ];
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "apply");
-    await ok(sb, "allow", "svc-web", "api.example.test:443");
-    await ok(sb, "apply");
-    await ok(sb, "unregister", "svc-web");
-    await ok(sb, "apply");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("apply");
+    await sb.ok("allow", "svc-web", "api.example.test:443");
+    await sb.ok("apply");
+    await sb.ok("unregister", "svc-web");
+    await sb.ok("apply");
     const after = [
       await sb.nft("list", "table", "inet", "other"),
       await sb.nft("list", "table", "ip", "natlike"),
@@ -188,8 +182,8 @@ test("other tables in the namespace survive every apply, byte for byte", async (
 
 test("apply --dry-run prints what would change and changes nothing", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await ok(sb, "register", "svc-web", "--user", String(SVC_UID));
-    await ok(sb, "allow", "svc-web", "api.example.test:443");
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "api.example.test:443");
     let r = await sb.egressctl("apply", "--dry-run");
     assert.is(r.exitCode, 0, r.stderr);
     assert.match(r.stdout, "+ table inet egressd");
@@ -198,10 +192,10 @@ test("apply --dry-run prints what would change and changes nothing", async () =>
       1,
       "no table after a dry run",
     );
-    await ok(sb, "apply");
+    await sb.ok("apply");
     const before = await sb.nft("list", "table", "inet", "egressd");
-    await ok(sb, "allow", "svc-web", `${DB}:5432`);
-    await ok(sb, "revoke", "svc-web", "api.example.test:443");
+    await sb.ok("allow", "svc-web", `${DB}:5432`);
+    await sb.ok("revoke", "svc-web", "api.example.test:443");
     r = await sb.egressctl("apply", "--dry-run");
     assert.is(r.exitCode, 0, r.stderr);
     assert.match(r.stdout, `+ element in set s_svc_web_lit4: ${DB} . tcp . 5432`);
@@ -210,7 +204,7 @@ test("apply --dry-run prints what would change and changes nothing", async () =>
     const json = await sb.egressctl("--json", "apply", "--dry-run");
     const data = JSON.parse(json.stdout) as { changes: { kind: string }[] };
     assert.ok(data.changes.some((c) => c.kind === "element-missing"));
-    await ok(sb, "apply");
+    await sb.ok("apply");
     r = await sb.egressctl("apply", "--dry-run");
     assert.match(r.stdout, "nothing would change");
   });
