@@ -2,7 +2,7 @@
  * One-shot apply: gather inputs (policy, users, DNS), call the pure compiler, and hand the
  * result to nft as one transaction. Used by `egressctl apply` and `egressd --once`.
  */
-import { compile, domainAllowances, type ServiceInput } from "../rules/compile.ts";
+import { compile, domainAllowances, nameMatcher, type ServiceInput } from "../rules/compile.ts";
 import { diff, type Finding } from "../rules/diff.ts";
 import { invalid, type Problem } from "../rules/errors.ts";
 import { parseLive } from "../rules/live.ts";
@@ -11,8 +11,11 @@ import type { PolicyStore } from "./store/policy-store.fs.ts";
 import type { Dropped } from "../rules/address-filter.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
 import { replaceBatch } from "../rules/batch.ts";
+import { DEFAULT_MARGIN_MS, reconcile } from "../rules/reconcile.ts";
+import { parsePorts } from "../rules/target.ts";
 import { createHash } from "node:crypto";
 import { dnsResolver, resolveAll, type Resolver } from "./dns/dns.client.ts";
+import { LearnedTable } from "./dns/learned.ts";
 import { FAMILIES, NameTable } from "./dns/names.ts";
 import { hostAddresses } from "./host.sys.ts";
 import type { StateStore } from "./store/state.fs.ts";
@@ -52,6 +55,10 @@ export interface Plan {
   names: NameReport[];
   /** The DNS bookkeeping after this plan, to save once it is applied. */
   table: NameTable;
+  /** What DNS-aware services learned (from the state dir), kept as it was. */
+  learned: LearnedTable;
+  /** Proxy ports of DNS-aware services (from the state dir), kept as they were. */
+  proxyPorts: Map<string, number>;
   /** Saved-state entries that were left out, and why. */
   stateProblems: Problem[];
 }
@@ -124,12 +131,25 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
   const resolvers = await configuredResolvers(config);
   const saved = deps.state ? (await deps.state.load()).state : null;
   const users = nameUsers(policies);
+  const host = (deps.hostAddresses ?? hostAddresses)();
+  const file = deps.state?.file ?? "state";
   const { table, problems } = NameTable.fromJSON(saved?.names, config.refresh, {
     names: users.keys(),
     now,
-    file: deps.state?.file ?? "state",
-    hostAddresses: (deps.hostAddresses ?? hostAddresses)(),
+    file,
+    hostAddresses: host,
   });
+  const matchers = new Map(
+    policies.filter((p) => p.dns === "proxy").map((p) => [p.name, nameMatcher(p)]),
+  );
+  const learned = LearnedTable.fromJSON(saved?.learned, config.refresh, {
+    matchers,
+    now,
+    file,
+    hostAddresses: host,
+  });
+  problems.push(...learned.problems);
+  const proxyPorts = savedPorts(saved?.proxyPorts, matchers, config);
   table.track(users.keys(), now);
   const ask = NameTable.lookups(
     resolve === "all"
@@ -151,7 +171,16 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
     }
   }
   const resolutions = table.snapshot(now);
-  const ruleset = compile({ table: config.table, resolvers, services, resolutions });
+  const ruleset = compile({
+    table: config.table,
+    resolvers,
+    services: services.map((s) => {
+      const port = proxyPorts.get(s.policy.name);
+      return port === undefined ? s : { ...s, proxyPort: port };
+    }),
+    resolutions,
+    learned: learned.table.all(now),
+  });
   const names: NameReport[] = table.list().map((name) => {
     const st = table.get(name);
     const ttls = FAMILIES.map((f) => st?.[f].ttl).filter((t): t is number => typeof t === "number");
@@ -171,6 +200,8 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
     resolvers,
     names,
     table,
+    learned: learned.table,
+    proxyPorts,
     stateProblems: problems,
     services: services.map((s) => ({
       name: s.policy.name,
@@ -181,42 +212,78 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
   };
 }
 
-/** What applying would change in the kernel: the live table against the desired one. */
-export async function pendingChanges(nft: Nft, ruleset: Ruleset): Promise<Finding[]> {
-  return diff(parseLive(await nft.listTable(ruleset.table), ruleset.table), ruleset);
+/** The proxy ports saved by the daemon: DNS-aware services only, inside the configured range, each once. */
+function savedPorts(
+  raw: unknown,
+  matchers: ReadonlyMap<string, unknown>,
+  config: DaemonConfig,
+): Map<string, number> {
+  const out = new Map<string, number>();
+  const range = parsePorts(config.dns.proxyPortRange);
+  if (!raw || typeof raw !== "object" || "error" in range) return out;
+  const used = new Set<number>();
+  for (const [svc, port] of Object.entries(raw as Record<string, unknown>)) {
+    if (!matchers.has(svc) || typeof port !== "number" || !Number.isInteger(port)) continue;
+    if (port < range.low || port > range.high || used.has(port)) continue;
+    used.add(port);
+    out.set(svc, port);
+  }
+  return out;
 }
 
+/** What applying would change in the kernel: the live table against the desired one. */
+export async function pendingChanges(
+  nft: Nft,
+  ruleset: Ruleset,
+  now = Date.now(),
+): Promise<Finding[]> {
+  return diff(parseLive(await nft.listTable(ruleset.table), ruleset.table, now), ruleset);
+}
+
+const ONE_SHOT = { slackMs: 0, marginMs: DEFAULT_MARGIN_MS };
+
 /**
- * Replaces egressd's table in one transaction (on failure the previous ruleset stays), then
+ * Brings the kernel's table to the plan in one transaction decided by reconcile (only what
+ * differs; the whole table when there is none yet; on failure the previous ruleset stays), then
  * saves the resolutions it was built from, so the daemon and the audit start from them.
  */
 export async function applyPlan(
   deps: Pick<Deps, "nft" | "state" | "clock">,
   p: Plan,
-): Promise<void> {
-  const batch = replaceBatch(p.ruleset);
+): Promise<{ kind: string; changes: number }> {
+  const now = (deps.clock ?? Date.now)();
   // A state path that cannot be written safely stops the apply before the kernel changes.
   await deps.state?.checkWritable();
-  await deps.nft.apply(batch);
+  const live = parseLive(await deps.nft.listTable(p.ruleset.table), p.ruleset.table, now);
+  const r = reconcile(live, p.ruleset, { now, ...ONE_SHOT });
+  if (r.commands.length) await deps.nft.apply({ nftables: r.commands });
   await deps.state?.save({
     version: 2,
-    savedAt: (deps.clock ?? Date.now)(),
+    savedAt: now,
     names: p.table.toJSON(),
+    learned: p.learned.toJSON(),
+    proxyPorts: Object.fromEntries(p.proxyPorts),
     applied: {
-      digest: createHash("sha256").update(JSON.stringify(batch)).digest("hex"),
-      at: (deps.clock ?? Date.now)(),
+      digest: createHash("sha256")
+        .update(JSON.stringify(replaceBatch(p.ruleset, 0)))
+        .digest("hex"),
+      at: now,
     },
   });
+  return { kind: r.kind, changes: r.changes };
 }
 
-/** Audit: the live table against the desired one. With `repair`, re-applies the desired table in one transaction and audits again. */
+/** Audit: the live table against the desired one. With `repair`, reconciles the live table back in one transaction and audits again. */
 export async function auditTable(
   nft: Nft,
   desired: Ruleset,
   repair: boolean,
+  now = Date.now(),
 ): Promise<{ findings: Finding[]; repaired: boolean; remaining: Finding[] }> {
-  const findings = await pendingChanges(nft, desired);
+  const live = parseLive(await nft.listTable(desired.table), desired.table, now);
+  const findings = diff(live, desired);
   if (!repair || !findings.length) return { findings, repaired: false, remaining: findings };
-  await nft.apply(replaceBatch(desired));
-  return { findings, repaired: true, remaining: await pendingChanges(nft, desired) };
+  const r = reconcile(live, desired, { now, ...ONE_SHOT });
+  await nft.apply({ nftables: r.commands });
+  return { findings, repaired: true, remaining: await pendingChanges(nft, desired, now) };
 }

@@ -1,37 +1,58 @@
 /**
  * The long-running agent: keeps the kernel's table equal to the policy plus the live DNS
- * answers. Kernel changes go through one queue, so nft sees one transaction at a time: a
- * policy change replaces the table; a DNS change sends only the set elements that changed;
- * nothing changed, nothing sent. DNS queries run outside that queue, each under its deadline,
- * so a slow or hostile resolver never holds up a control request, the audit or other names.
+ * answers plus what each DNS-aware service's proxy learned. Every kernel change is decided by
+ * reconcile(applied, desired) and goes through one queue, so nft sees one transaction at a
+ * time and only what differs: elements added and removed, one service's objects refilled,
+ * nothing at all when nothing changed. DNS queries run outside that queue, each under its
+ * deadline, so a slow or hostile resolver never holds up a control request, the audit or
+ * other names.
  */
 import { createHash } from "node:crypto";
 import type { Logger } from "pino";
-import { DROPPED_HINT, type Dropped } from "../rules/address-filter.ts";
+import { DROPPED_HINT, filterAddresses, type Dropped } from "../rules/address-filter.ts";
 import { replaceBatch } from "../rules/batch.ts";
 import {
   checkDistinctOwners,
   compile,
   domainAllowances,
+  nameMatcher,
+  nameSetsFor,
+  serviceNameSets,
   serviceObject,
+  UID_PROXY,
   type ResolverAddr,
   type ServiceInput,
 } from "../rules/compile.ts";
 import { checkInboundOverlap } from "../rules/inbound.ts";
-import { deltaCommands, elementDelta, type SetChange } from "../rules/delta.ts";
 import { diff, type Finding } from "../rules/diff.ts";
 import { parseLive } from "../rules/live.ts";
 import { EgressError } from "../rules/errors.ts";
+import type { NameMatcher } from "../rules/name-match.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
+import { DEFAULT_MARGIN_MS, reconcile, type Reconciled } from "../rules/reconcile.ts";
+import type { Ruleset, SetDef } from "../rules/ruleset.ts";
+import { parsePorts } from "../rules/target.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
-import type { Ruleset } from "../rules/ruleset.ts";
-import { auditTable, resolvePrincipals } from "./apply.ts";
+import { resolvePrincipals } from "./apply.ts";
 import { resolveAll, type Lookup, type Resolver } from "./dns/dns.client.ts";
-import { FAMILIES, NameTable } from "./dns/names.ts";
+import { LearnedTable } from "./dns/learned.ts";
+import { clampTtl, FAMILIES, NameTable } from "./dns/names.ts";
+import type { ProxyService, ProxyStats } from "./dns/proxy.sock.ts";
 import type { Nft } from "./nft/nft.exec.ts";
 import { configuredResolvers } from "./dns/resolvers.fs.ts";
 import type { StateStore } from "./store/state.fs.ts";
 import type { Users } from "./users.sys.ts";
+
+/** The DNS proxies, as the daemon drives them (agent/dns/proxy.sock.ts; tests may fake it). */
+export interface Proxies {
+  listen(service: ProxyService, port: number): Promise<void>;
+  update(service: ProxyService): void;
+  close(service: string): Promise<void>;
+  closeAll(): Promise<void>;
+  port(service: string): number | undefined;
+  stats(service: string): ProxyStats | undefined;
+  services(): string[];
+}
 
 export interface DaemonDeps {
   store: PolicyStore;
@@ -43,6 +64,10 @@ export interface DaemonDeps {
   /** The host's own addresses, read from the kernel (re-read at every commit). */
   hostAddresses: () => ReadonlySet<string>;
   log: Logger;
+  /** The DNS proxies of DNS-aware services; absent: none are served. */
+  proxies?: Proxies;
+  /** Forgets the port-53 conntrack entries, so flows that predate a redirect take it. */
+  flushDnsConntrack?: () => Promise<void>;
   /** Called after the config is (re)loaded, e.g. to reschedule the audit. */
   onConfig?: (config: DaemonConfig) => void;
 }
@@ -53,6 +78,8 @@ interface Loaded {
   services: ServiceInput[];
   resolvers: ResolverAddr[];
   resolver: Resolver;
+  /** What each DNS-aware service may look up. */
+  matchers: Map<string, NameMatcher>;
 }
 
 export interface AuditRecord {
@@ -63,8 +90,8 @@ export interface AuditRecord {
 }
 
 export interface ApplySummary {
-  kind: "replace" | "delta" | "none";
-  /** Elements added and removed (delta), or objects in the table (replace). */
+  kind: "replace" | "objects" | "elements" | "none";
+  /** Elements added and removed, or objects touched. */
   changes: number;
   at: number;
   /** Names whose first resolution had not finished when the request had to answer. */
@@ -83,15 +110,24 @@ export function controlWaitMs(config: DaemonConfig): number {
 export class Daemon {
   private loaded: Loaded | null = null;
   private names: NameTable | null = null;
+  private learned: LearnedTable | null = null;
+  /** What the kernel holds, as far as egressd knows: the last applied (or listed) table. */
   private applied: Ruleset | null = null;
   private appliedNames = new Map<string, string[]>();
   private queue: Promise<unknown> = Promise.resolve();
   private timer: NodeJS.Timeout | null = null;
+  private wakeAt: number | null = null;
   private stopped = false;
   /** Lookups on the wire, so a name is never asked twice at once. */
   private readonly inflight = new Map<string, Promise<void>>();
   /** Dropped addresses already logged, so each is logged once per name. */
   private readonly droppedLogged = new Set<string>();
+  /** Loopback port of each DNS-aware service's proxy (kept across restarts in the state file). */
+  private ports = new Map<string, number>();
+  /** Services whose learned addresses wait for the next proxy transaction, and who waits. */
+  private readonly pendingLearned = new Set<string>();
+  private waiters: { resolve: () => void; reject: (e: unknown) => void }[] = [];
+  private flushing: Promise<void> | null = null;
   readonly startedAt: number;
   lastApply: ApplySummary | null = null;
   lastError: { code: string; message: string; at: number } | null = null;
@@ -99,8 +135,8 @@ export class Daemon {
   /** Why the policy on disk is not the one enforced (null when it is). */
   loadError: EgressError | null = null;
   private digest: string | null = null;
-  /** Last-known resolutions read at start-up, kept until a policy loads. */
-  private savedNames: unknown = undefined;
+  /** Saved state read at start-up, kept until a policy loads. */
+  private saved: { names?: unknown; learned?: unknown; proxyPorts?: unknown } | null = null;
 
   constructor(private readonly deps: DaemonDeps) {
     this.startedAt = deps.clock();
@@ -117,15 +153,27 @@ export class Daemon {
     return run;
   }
 
+  private reconcileOptions(now: number) {
+    const grace = this.loaded?.config.refresh.graceSeconds ?? 300;
+    return { now, slackMs: (grace * 1000) / 2, marginMs: DEFAULT_MARGIN_MS };
+  }
+
   /**
-   * Start-up: enforce from the last-known resolutions before any DNS query, then resolve
-   * what is due in the background and apply the difference.
+   * Start-up: enforce from the last-known resolutions before any DNS query, updating the live
+   * table in place (what DNS-aware services learned stays), then resolve what is due in the
+   * background and apply the difference.
    */
   async start(): Promise<void> {
     const { log } = this.deps;
     try {
       const saved = await this.deps.state.load();
-      this.savedNames = saved.state?.names;
+      this.saved = saved.state
+        ? {
+            names: saved.state.names,
+            learned: saved.state.learned,
+            proxyPorts: saved.state.proxyPorts,
+          }
+        : null;
       if (saved.problem)
         log.warn(
           { code: "ERR_EGRESS_STATE", problem: saved.problem },
@@ -142,16 +190,27 @@ export class Daemon {
         log.error("not applying: the policy does not load; the kernel keeps its current ruleset");
         return;
       }
-      this.restoreNames();
+      this.restore();
+      await this.syncProxies();
+      const table = (this.loaded as Loaded).config.table;
+      const now = this.deps.clock();
+      try {
+        this.applied = parseLive(await this.deps.nft.listTable(table), table, now);
+      } catch (err) {
+        log.warn({ err: String(err) }, "could not list the live table; replacing it whole");
+        this.applied = null;
+      }
       await this.commit();
       log.info(
         {
-          table: `inet ${this.loaded?.config.table}`,
+          table: `inet ${table}`,
           services: this.loaded?.services.length,
           names: this.names?.list().length,
-          fromState: this.savedNames !== undefined,
+          proxies: this.deps.proxies?.services().length ?? 0,
+          fromState: this.saved !== null,
+          kind: this.lastApply?.kind,
         },
-        this.savedNames !== undefined
+        this.saved !== null
           ? "applied from saved state, before any DNS query"
           : "applied (no saved state yet)",
       );
@@ -159,23 +218,37 @@ export class Daemon {
     void this.refreshDue().finally(() => this.schedule());
   }
 
-  /** Builds the name table from the saved state, filtered like fresh answers. */
-  private restoreNames(): void {
+  /** Builds the name and learned tables, and proxy ports, from the saved state, filtered like fresh answers. */
+  private restore(): void {
     const l = this.loaded as Loaded;
     const now = this.deps.clock();
-    const { table, problems } = NameTable.fromJSON(this.savedNames, l.config.refresh, {
+    const host = this.deps.hostAddresses();
+    const file = this.deps.state.file;
+    const names = NameTable.fromJSON(this.saved?.names, l.config.refresh, {
       names: this.policyNames(),
       now,
-      file: this.deps.state.file,
-      hostAddresses: this.deps.hostAddresses(),
+      file,
+      hostAddresses: host,
     });
-    for (const p of problems)
+    const learned = LearnedTable.fromJSON(this.saved?.learned, l.config.refresh, {
+      matchers: l.matchers,
+      now,
+      file,
+      hostAddresses: host,
+    });
+    for (const p of [...names.problems, ...learned.problems])
       this.deps.log.warn(
         { code: "ERR_EGRESS_STATE", where: p.where },
         `saved state: ${p.where}: ${p.text}`,
       );
-    this.names = table;
+    this.names = names.table;
     this.names.track(this.policyNames(), now);
+    this.learned = learned.table;
+    const ports = this.saved?.proxyPorts;
+    if (ports && typeof ports === "object")
+      for (const [svc, port] of Object.entries(ports as Record<string, unknown>))
+        if (typeof port === "number" && Number.isInteger(port) && l.matchers.has(svc))
+          this.ports.set(svc, port);
   }
 
   /** Names every service allows, each once. */
@@ -196,12 +269,15 @@ export class Daemon {
     // What could stop the compiler is checked here, so a bad policy is refused before anything changes.
     checkDistinctOwners(services);
     checkInboundOverlap(policies);
-
+    const matchers = new Map(
+      policies.filter((p) => p.dns === "proxy").map((p) => [p.name, nameMatcher(p)]),
+    );
     return {
       config,
       policies,
       services,
       resolvers,
+      matchers,
       resolver: this.deps.resolver(resolvers, config),
     };
   }
@@ -234,96 +310,224 @@ export class Daemon {
     }
   }
 
+  /**
+   * Opens, updates and closes DNS proxies to match the DNS-aware services. A service keeps its
+   * port across restarts; a taken port moves it to the next free one in dns.proxyPortRange.
+   * A service whose proxy cannot listen gets no redirect: its lookups fail (closed), nothing opens.
+   */
+  private async syncProxies(): Promise<void> {
+    const proxies = this.deps.proxies;
+    const l = this.loaded as Loaded;
+    if (!proxies) return;
+    const wanted = new Map(
+      l.policies
+        .filter((p) => p.dns === "proxy")
+        .map((p) => [
+          p.name,
+          { name: p.name, mode: p.mode, matcher: l.matchers.get(p.name) as NameMatcher },
+        ]),
+    );
+    for (const name of proxies.services())
+      if (!wanted.has(name)) {
+        await proxies.close(name);
+        this.ports.delete(name);
+      }
+    for (const name of [...this.ports.keys()]) if (!wanted.has(name)) this.ports.delete(name);
+    const range = parsePorts(l.config.dns.proxyPortRange);
+    if ("error" in range) return;
+    const taken = () => new Set([...this.ports.values()]);
+    for (const [name, svc] of wanted) {
+      const current = proxies.port(name);
+      if (current !== undefined && current >= range.low && current <= range.high) {
+        proxies.update(svc);
+        continue;
+      }
+      const tried = new Set<number>();
+      const preferred = this.ports.get(name);
+      this.ports.delete(name);
+      const candidates = function* () {
+        if (preferred !== undefined && preferred >= range.low && preferred <= range.high)
+          yield preferred;
+        for (let p = range.low; p <= range.high; p++) yield p;
+      };
+      let bound: number | null = null;
+      let lastErr = "";
+      for (const port of candidates()) {
+        if (tried.has(port) || taken().has(port)) continue;
+        tried.add(port);
+        if (tried.size > 50) break;
+        try {
+          await proxies.listen(svc, port);
+          bound = port;
+          break;
+        } catch (err) {
+          lastErr = (err as Error).message;
+        }
+      }
+      if (bound === null) {
+        this.deps.log.error(
+          {
+            code: "ERR_EGRESS_PROXY",
+            service: name,
+            range: l.config.dns.proxyPortRange,
+            error: lastErr,
+          },
+          `${name}: no free port for its DNS proxy; its lookups fail until one is free`,
+        );
+        continue;
+      }
+      this.ports.set(name, bound);
+      this.deps.log.info(
+        { service: name, port: bound },
+        `${name}: DNS proxy listening on port ${bound}`,
+      );
+    }
+  }
+
+  /** The services as compiled: DNS-aware ones with the port their proxy listens on. */
+  private inputs(): ServiceInput[] {
+    const l = this.loaded as Loaded;
+    const proxies = this.deps.proxies;
+    return l.services.map((s) => {
+      const port = s.policy.dns === "proxy" ? proxies?.port(s.policy.name) : undefined;
+      return port === undefined ? s : { ...s, proxyPort: port };
+    });
+  }
+
+  /** The desired table: policy, refresh answers and learned addresses alive at `now`. */
+  private desired(now: number): Ruleset {
+    const l = this.loaded as Loaded;
+    return compile({
+      table: l.config.table,
+      resolvers: l.resolvers,
+      services: this.inputs(),
+      resolutions: (this.names as NameTable).snapshot(now),
+      learned: (this.learned as LearnedTable).all(now),
+    });
+  }
+
   /** What `reload` would change in the kernel, using the addresses known now (new names count as unresolved). */
   plan(): Promise<{ changes: Finding[]; table: string }> {
     return this.serial(async () => {
       const l = await this.read();
+      const now = this.deps.clock();
       const desired = compile({
         table: l.config.table,
         resolvers: l.resolvers,
-        services: l.services,
-        resolutions: this.names?.snapshot(this.deps.clock()) ?? new Map(),
+        services: l.services.map((s) => {
+          const port =
+            s.policy.dns === "proxy" ? this.deps.proxies?.port(s.policy.name) : undefined;
+          return port === undefined ? s : { ...s, proxyPort: port };
+        }),
+        resolutions: this.names?.snapshot(now) ?? new Map(),
+        learned: this.learned?.all(now) ?? new Map(),
       });
-      const live = parseLive(await this.deps.nft.listTable(l.config.table), l.config.table);
+      const live = parseLive(await this.deps.nft.listTable(l.config.table), l.config.table, now);
       return { changes: diff(live, desired), table: `inet ${l.config.table}` };
     });
   }
 
+  /** Sends a reconciled transaction; records it as applied. */
+  private async send(r: Reconciled): Promise<void> {
+    if (r.commands.length) await this.deps.nft.apply({ nftables: r.commands });
+    this.applied = r.applied;
+    if (r.wakeAt !== null)
+      this.wakeAt = this.wakeAt === null ? r.wakeAt : Math.min(this.wakeAt, r.wakeAt);
+  }
+
   /**
-   * Brings the kernel to the current desired table: a whole-table replace when the structure
-   * changed (or nothing was applied yet), else one transaction with only the element changes,
-   * else nothing at all. The filter is re-applied first (config, and the host's addresses read
-   * again now), so a narrowing takes effect in this same transaction.
+   * Brings the kernel to the desired table through reconcile. The filter is re-applied first
+   * (config, and the host's addresses read again now), so a narrowing takes effect in this same
+   * transaction. If the kernel refuses the change (it no longer holds what egressd applied),
+   * egressd lists it and reconciles again from what it really holds.
    */
   private async commit(): Promise<ApplySummary> {
     const { log, clock } = this.deps;
     const l = this.loaded as Loaded;
     const names = this.names as NameTable;
+    const learned = this.learned as LearnedTable;
     const now = clock();
-    const pruned = names.configure(l.config.refresh, { hostAddresses: this.deps.hostAddresses() });
-    this.logDropped(pruned);
-    const next = compile({
-      table: l.config.table,
-      resolvers: l.resolvers,
-      services: l.services,
-      resolutions: names.snapshot(now),
-    });
-    const delta = this.applied ? elementDelta(this.applied, next) : null;
-    let summary: ApplySummary = { kind: "none", changes: 0, at: now };
-    if (!delta || delta.length) {
-      summary =
-        (delta && (await this.applyDelta(next, delta, now))) || (await this.replace(next, now));
+    const ctx = { hostAddresses: this.deps.hostAddresses() };
+    this.logDropped([
+      ...names.configure(l.config.refresh, ctx),
+      ...learned.configure(l.config.refresh, ctx),
+    ]);
+    learned.retain(l.matchers);
+    learned.prune(now);
+    const next = this.desired(now);
+    const before = this.proxyUids();
+    let r = reconcile(this.applied, next, this.reconcileOptions(now));
+    try {
+      await this.send(r);
+    } catch (err) {
+      if (r.kind === "replace") return this.failed(err, now);
+      log.warn(
+        { err: err instanceof EgressError ? err.toJSON() : String(err) },
+        "the kernel refused the change (its table is not what egressd applied); reconciling from a fresh listing",
+      );
+      try {
+        const live = parseLive(
+          await this.deps.nft.listTable(l.config.table),
+          l.config.table,
+          clock(),
+        );
+        r = reconcile(live, this.desired(clock()), this.reconcileOptions(clock()));
+        await this.send(r);
+      } catch (err2) {
+        return this.failed(err2, now);
+      }
+    }
+    const summary: ApplySummary = { kind: r.kind, changes: r.changes, at: now };
+    if (r.kind !== "none") {
       this.lastError = null;
       this.digest = createHash("sha256")
-        .update(JSON.stringify(replaceBatch(next)))
+        .update(JSON.stringify(replaceBatch(next, 0)))
         .digest("hex");
       log.info(
-        { kind: summary.kind, changes: summary.changes },
-        summary.kind === "replace" ? "table replaced" : "sets updated",
+        { kind: r.kind, changes: r.changes },
+        r.kind === "replace"
+          ? "table replaced"
+          : r.kind === "objects"
+            ? "services updated"
+            : "sets updated",
       );
     }
-    this.applied = next;
     this.lastApply = summary;
     this.logNameChanges(now);
+    await this.flushConntrackFor(before);
     await this.saveState();
+    this.schedule();
     return summary;
   }
 
-  /** Element changes only, in one transaction; null when nft refuses them (the live table is not what we applied). */
-  private async applyDelta(
-    next: Ruleset,
-    delta: SetChange[],
-    now: number,
-  ): Promise<ApplySummary | null> {
-    try {
-      await this.deps.nft.apply({ nftables: deltaCommands(next, delta) });
-      return {
-        kind: "delta",
-        changes: delta.reduce((n, c) => n + c.added.length + c.removed.length, 0),
-        at: now,
-      };
-    } catch (err) {
-      this.deps.log.warn(
-        { err: err instanceof EgressError ? err.toJSON() : String(err) },
-        "element update refused; replacing the table",
-      );
-      return null;
-    }
+  private failed(err: unknown, now: number): never {
+    const e =
+      err instanceof EgressError
+        ? err
+        : new EgressError("ERR_EGRESS_INTERNAL", String(err), { exitCode: 4 });
+    this.lastError = { code: e.code, message: e.message, at: now };
+    this.deps.log.error({ err: e.toJSON() }, "apply failed; the previous ruleset stays in force");
+    throw e;
   }
 
-  private async replace(next: Ruleset, now: number): Promise<ApplySummary> {
+  /** uids whose DNS the kernel redirects, as applied. */
+  private proxyUids(): Set<number> {
+    const map = this.applied?.sets.find((s) => s.name === UID_PROXY);
+    return new Set((map?.elem ?? []).map((e) => (e as [number])[0]));
+  }
+
+  /** A UDP flow to port 53 that predates a new redirect would keep bypassing it: forget those flows. */
+  private async flushConntrackFor(before: Set<number>): Promise<void> {
+    const after = this.proxyUids();
+    if (![...after].some((u) => !before.has(u)) || !this.deps.flushDnsConntrack) return;
     try {
-      await this.deps.nft.apply(replaceBatch(next));
+      await this.deps.flushDnsConntrack();
     } catch (err) {
-      const e =
-        err instanceof EgressError
-          ? err
-          : new EgressError("ERR_EGRESS_INTERNAL", String(err), { exitCode: 4 });
-      this.lastError = { code: e.code, message: e.message, at: now };
-      this.deps.log.error({ err: e.toJSON() }, "apply failed; the previous ruleset stays in force");
-      throw e;
+      this.deps.log.warn(
+        { code: "ERR_EGRESS_CONNTRACK", error: (err as Error).message },
+        "could not remove port-53 conntrack entries; DNS flows older than the redirect keep going to the resolver until they idle out",
+      );
     }
-    return { kind: "replace", changes: next.sets.length + next.chains.length, at: now };
   }
 
   /** One log line per name whose allowed addresses changed, naming its services. */
@@ -374,6 +578,8 @@ export class Daemon {
         version: 2,
         savedAt: this.deps.clock(),
         names: this.names?.toJSON() ?? {},
+        learned: this.learned?.toJSON() ?? {},
+        proxyPorts: Object.fromEntries(this.ports),
         ...(this.digest
           ? { applied: { digest: this.digest, at: this.lastApply?.at ?? this.deps.clock() } }
           : {}),
@@ -388,6 +594,135 @@ export class Daemon {
       );
     }
   }
+
+  // ------------------------------------------------------------------ the DNS proxy's path
+
+  /** The address filter as it stands now (for the proxy). */
+  filter(addresses: readonly string[]): { kept: string[]; dropped: Dropped[] } {
+    const config = this.loaded?.config;
+    return filterAddresses(addresses, {
+      allowPrivateAddresses: config?.refresh.allowPrivateAddresses ?? true,
+      hostAddresses: this.deps.hostAddresses(),
+    });
+  }
+
+  /**
+   * Puts addresses a service's query was answered with into its sets and resolves once the
+   * kernel holds them, with a lifetime that covers the answer's (clamped) TTL. Already covered:
+   * resolves at once. Queries arriving while a transaction is in flight join the next one.
+   */
+  allowLearned(
+    service: string,
+    name: string,
+    addresses: readonly string[],
+    ttl: number,
+  ): Promise<void> {
+    const l = this.loaded;
+    const learned = this.learned;
+    if (!l || !learned) return Promise.reject(new Error("egressd has not loaded a policy yet"));
+    const now = this.deps.clock();
+    learned.learn(service, name, addresses, ttl, now);
+    const policy = l.policies.find((p) => p.name === service);
+    if (!policy) return Promise.reject(new Error(`${service} is not registered`));
+    const need = now + clampTtl(ttl, l.config.refresh) * 1000;
+    const want = learned.expiryFor(ttl, now);
+    const sets = nameSetsFor(policy, name);
+    let covered = true;
+    let stale = false;
+    for (const a of addresses) {
+      for (const setName of sets[a.includes(":") ? 6 : 4]) {
+        const set = this.applied?.sets.find((s) => s.name === setName);
+        const present = set?.elem.includes(a);
+        const until = set?.expires?.[a];
+        if (!present || (until !== undefined && until < need)) covered = false;
+        else if (until !== undefined && want > until + this.reconcileOptions(now).slackMs)
+          stale = true;
+      }
+    }
+    if (covered) {
+      if (stale) {
+        // Extend the lifetime in the background; the answer does not wait for it.
+        this.pendingLearned.add(service);
+        this.kick();
+      }
+      return Promise.resolve();
+    }
+    return new Promise((resolve, reject) => {
+      this.waiters.push({ resolve, reject });
+      this.pendingLearned.add(service);
+      this.kick();
+    });
+  }
+
+  /** Runs proxy transactions until nothing is pending: each one carries every service queued so far. */
+  private kick(): void {
+    if (this.flushing) return;
+    this.flushing = (async () => {
+      while (this.pendingLearned.size) {
+        const services = [...this.pendingLearned];
+        this.pendingLearned.clear();
+        const waiters = this.waiters;
+        this.waiters = [];
+        try {
+          await this.serial(() => this.pushLearned(services));
+          for (const w of waiters) w.resolve();
+        } catch (err) {
+          for (const w of waiters) w.reject(err);
+        }
+      }
+    })().finally(() => {
+      this.flushing = null;
+      if (this.pendingLearned.size) this.kick();
+    });
+  }
+
+  /** One transaction with the learned addresses of `services`: their name sets, reconciled. */
+  private async pushLearned(services: readonly string[]): Promise<void> {
+    const l = this.loaded as Loaded;
+    const now = this.deps.clock();
+    if (!this.applied) {
+      await this.commit();
+      return;
+    }
+    const inputs = new Map(this.inputs().map((s) => [s.policy.name, s]));
+    const resolutions = (this.names as NameTable).snapshot(now);
+    const replaced = new Map<string, SetDef>();
+    for (const name of services) {
+      const svc = inputs.get(name);
+      if (!svc) continue;
+      for (const s of serviceNameSets(
+        svc,
+        resolutions,
+        (this.learned as LearnedTable).of(name, now),
+      ))
+        replaced.set(s.name, s);
+    }
+    if ([...replaced.keys()].some((n) => !this.applied?.sets.some((s) => s.name === n))) {
+      // The service's sets are not in the kernel yet (a change not applied yet): a full commit.
+      await this.commit();
+      return;
+    }
+    const desired: Ruleset = {
+      ...this.applied,
+      sets: this.applied.sets.map((s) => replaced.get(s.name) ?? s),
+    };
+    const r = reconcile(this.applied, desired, this.reconcileOptions(now));
+    try {
+      await this.send(r);
+    } catch (err) {
+      this.deps.log.warn(
+        { err: err instanceof EgressError ? err.toJSON() : String(err), services },
+        "the kernel refused learned addresses; reconciling from a fresh listing",
+      );
+      this.applied = parseLive(await this.deps.nft.listTable(l.config.table), l.config.table, now);
+      await this.commit();
+    }
+    if (r.kind !== "none")
+      this.deps.log.debug({ services, changes: r.changes }, "learned addresses applied");
+    this.schedule();
+  }
+
+  // ------------------------------------------------------------------ resolution
 
   /**
    * Resolves `lookups` (each at most once at a time, however many callers ask) and records the
@@ -488,7 +823,8 @@ export class Daemon {
     const added = await this.serial(async () => {
       if (!(await this.load())) throw this.loadError;
       // First successful load after a start that could not load: begin from the saved state.
-      if (!this.names) this.restoreNames();
+      if (!this.names) this.restore();
+      await this.syncProxies();
       return (this.names as NameTable).track(this.policyNames(), this.deps.clock()).added;
     });
     const summary = await this.resolveThenCommit(NameTable.lookups(added));
@@ -500,7 +836,6 @@ export class Daemon {
       },
       "policy applied",
     );
-    this.schedule();
     return summary;
   }
 
@@ -527,7 +862,6 @@ export class Daemon {
       names = [...new Set(domainAllowances(p).map((d) => d.name))].sort();
     }
     const summary = await this.resolveThenCommit(NameTable.lookups(names));
-    this.schedule();
     return { ...summary, names };
   }
 
@@ -541,29 +875,34 @@ export class Daemon {
       .finally(() => this.schedule());
   }
 
-  /** Arms one timer for the next refresh or grace expiry. */
+  /** Arms one timer for the next refresh, grace expiry or element that needs re-adding. */
   private schedule(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     if (this.stopped || !this.names) return;
     const now = this.deps.clock();
-    const next = this.names.nextEvent(now);
-    if (next === null) return;
+    const candidates = [this.names.nextEvent(now), this.wakeAt].filter(
+      (t): t is number => t !== null,
+    );
+    if (!candidates.length) return;
+    const next = Math.min(...candidates);
     // Expiries are exact to the millisecond; wake just after so the address is gone when we look.
     const delay = Math.min(Math.max(0, next - now + 5), MAX_TIMER);
     this.timer = setTimeout(() => {
       this.timer = null;
+      if (this.wakeAt !== null && this.wakeAt <= this.deps.clock()) this.wakeAt = null;
       void this.refreshDue().finally(() => this.schedule());
     }, delay);
   }
 
   /**
-   * The drift audit: the live table against the table egressd last applied. With `repair`,
-   * re-applies it in one transaction and audits again.
+   * The drift audit: the live table against the desired one (learned addresses that expire in
+   * the next seconds are left out of the comparison: the kernel may already have dropped them).
+   * With `repair`, reconciles the live table back in one transaction and audits again.
    */
   audit(repair: boolean): Promise<AuditRecord> {
     return this.serial(async () => {
-      if (!this.applied) {
+      if (!this.applied || !this.loaded) {
         throw (
           this.loadError ??
           new EgressError("ERR_EGRESS_NOT_READY", "egressd has not applied a policy yet", {
@@ -571,34 +910,56 @@ export class Daemon {
           })
         );
       }
-      const { log, clock } = this.deps;
-      const r = await auditTable(this.deps.nft, this.applied, repair);
-      const record: AuditRecord = {
-        at: clock(),
-        findings: r.findings,
-        repaired: r.repaired,
-        remaining: r.remaining.length,
+      const { log, clock, nft } = this.deps;
+      const table = this.loaded.config.table;
+      const listed = async () => parseLive(await nft.listTable(table), table, clock());
+      const wanted = () => {
+        const now = clock();
+        const d = this.desired(now);
+        return { ...d, sets: d.sets.map((s) => settled(s, now + DEFAULT_MARGIN_MS)) };
       };
+      const live = await listed();
+      const findings = diff(
+        live
+          ? { ...live, sets: live.sets.map((s) => settled(s, clock() + DEFAULT_MARGIN_MS)) }
+          : null,
+        wanted(),
+      );
+      let remaining = findings;
+      let repaired = false;
+      if (repair && findings.length) {
+        const r = reconcile(live, this.desired(clock()), this.reconcileOptions(clock()));
+        await this.send(r);
+        repaired = true;
+        const again = await listed();
+        remaining = diff(
+          again
+            ? { ...again, sets: again.sets.map((s) => settled(s, clock() + DEFAULT_MARGIN_MS)) }
+            : null,
+          wanted(),
+        );
+      }
+      const record: AuditRecord = { at: clock(), findings, repaired, remaining: remaining.length };
       this.lastAudit = record;
-      if (r.findings.length) {
+      if (findings.length) {
         log.warn(
           {
             code: "ERR_EGRESS_DRIFT",
-            findings: r.findings.slice(0, 50),
-            count: r.findings.length,
-            opens: r.findings.filter((f) => f.opens).length,
+            findings: findings.slice(0, 50),
+            count: findings.length,
+            opens: findings.filter((f) => f.opens).length,
           },
-          `drift: ${r.findings.length} difference(s) between the kernel and the policy`,
+          `drift: ${findings.length} difference(s) between the kernel and the policy`,
         );
-        if (r.repaired) {
-          if (r.remaining.length)
+        if (repaired) {
+          if (remaining.length)
             log.error(
-              { code: "ERR_EGRESS_DRIFT", remaining: r.remaining.slice(0, 50) },
+              { code: "ERR_EGRESS_DRIFT", remaining: remaining.slice(0, 50) },
               "repair did not converge",
             );
           else
             log.info(
-              { repaired: r.findings.length },
+              { repaired: findings.length },
               "drift repaired: the table is as the policy says again",
             );
         }
@@ -635,11 +996,25 @@ export class Daemon {
       .filter((s) => !service || s.policy.name === service)
       .map((s) => {
         const names = [...new Set(domainAllowances(s.policy).map((d) => d.name))].sort();
+        const proxy = this.deps.proxies?.stats(s.policy.name);
         return {
           name: s.policy.name,
           uid: s.uid,
           ...(s.gid !== undefined ? { gid: s.gid } : {}),
           mode: s.policy.mode,
+          dns: {
+            mode: s.policy.dns,
+            ...(s.policy.dns === "proxy"
+              ? {
+                  proxyPort: this.deps.proxies?.port(s.policy.name) ?? null,
+                  queriesAllowed: proxy?.allowed ?? 0,
+                  queriesRefused: proxy?.refused ?? 0,
+                  queriesFailed: proxy?.failed ?? 0,
+                  lastRefused: proxy?.lastRefused ?? [],
+                  learned: this.learned?.count(s.policy.name) ?? 0,
+                }
+              : {}),
+          },
           refused: counters.get(serviceObject(s.policy.name)) ?? null,
           outbound: s.policy.outbound.length,
           inbound: s.policy.inbound,
@@ -694,5 +1069,16 @@ export class Daemon {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
     await this.queue;
+    await this.deps.proxies?.closeAll();
   }
+}
+
+/** A set without the timed elements that expire before `at` (they may be gone already). */
+function settled(s: SetDef, at: number): SetDef {
+  if (!s.expires) return s;
+  const exp = s.expires;
+  return {
+    ...s,
+    elem: s.elem.filter((e) => typeof e !== "string" || exp[e] === undefined || exp[e] > at),
+  };
 }

@@ -14,6 +14,9 @@ import { applyPlan, plan } from "./apply.ts";
 import { serveControl, type Request } from "./control/control.sock.ts";
 import { Daemon } from "./daemon.ts";
 import { dnsResolver } from "./dns/dns.client.ts";
+import { forward } from "./dns/exchange.sock.ts";
+import { DnsProxy } from "./dns/proxy.sock.ts";
+import { flushDnsConntrack } from "./nft/conntrack.sys.ts";
 import { execNft } from "./nft/nft.exec.ts";
 import { egressdProgram } from "./egressd-program.ts";
 import { paths, VERSION, type GlobalOptions } from "./paths.ts";
@@ -102,15 +105,30 @@ async function daemon(g: GlobalOptions): Promise<number> {
     Object.assign(audit, { task, schedule: config.audit.schedule });
     log.info({ schedule: config.audit.schedule, repair: config.audit.repair }, "audit scheduled");
   };
-  const d = new Daemon({
+  let upstream: (query: Buffer) => Promise<Buffer> = () =>
+    Promise.reject(new Error("no resolvers loaded yet"));
+  const proxies: DnsProxy = new DnsProxy({
+    upstream: (query) => upstream(query),
+    filter: (addresses) => d.filter(addresses),
+    allow: (service, name, addresses, ttl) => d.allowLearned(service, name, addresses, ttl),
+    unlisted: () => d.config?.dns.unlistedNames ?? "nxdomain",
+    log,
+    clock: Date.now,
+  });
+  const d: Daemon = new Daemon({
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
     nft: execNft(),
     users: systemUsers(),
-    resolver: (servers, config) => dnsResolver(servers, { timeoutMs: config.dns.queryTimeoutMs }),
+    resolver: (servers, config) => {
+      upstream = (query) => forward(servers, query, config.dns.queryTimeoutMs);
+      return dnsResolver(servers, { timeoutMs: config.dns.queryTimeoutMs });
+    },
     clock: Date.now,
     hostAddresses,
     log,
+    proxies,
+    flushDnsConntrack,
     onConfig: scheduleAudit,
   });
   const housekeeping = cron.schedule("* * * * *", () => d.housekeep(), {

@@ -14,7 +14,13 @@ import type { Call } from "../agent/control/control.sock.ts";
 import type { ApplySummary } from "../agent/daemon.ts";
 import type { Finding } from "../rules/diff.ts";
 import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";
-import { SERVICE_NAME, type Mode, type ServicePolicy } from "../rules/policy.ts";
+import {
+  DNS_MODES,
+  SERVICE_NAME,
+  type DnsMode,
+  type Mode,
+  type ServicePolicy,
+} from "../rules/policy.ts";
 import { formatTarget, parseTarget, type OutboundRule } from "../rules/target.ts";
 
 export interface Result {
@@ -99,6 +105,27 @@ function parseTargets(args: readonly string[]): OutboundRule[] {
 const sameRule = (a: OutboundRule, b: OutboundRule) =>
   a.host === b.host && a.ports === b.ports && a.protocol === b.protocol;
 
+/** How a kernel change reads: "3 set element(s) changed", "1 service's objects updated", "table replaced". */
+export function changeText(r: { kind: string; changes: number }): string {
+  switch (r.kind) {
+    case "none":
+      return "no kernel change needed";
+    case "elements":
+      return `${r.changes} set element(s) changed`;
+    case "objects":
+      return `${r.changes} object(s) updated`;
+    default:
+      return "table replaced";
+  }
+}
+
+/** "; still resolving: a.example, b.example" when a request answered before its names resolved. */
+export function pendingText(r: { pending?: string[] }): string {
+  return r.pending?.length
+    ? `; still resolving: ${r.pending.join(", ")} (applied when DNS answers)`
+    : "";
+}
+
 /** After a saved change: have the daemon apply it, or say how it will take effect. */
 export async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: string }> {
   const call = await ctx.daemon();
@@ -107,7 +134,7 @@ export async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: st
       const r = (await call({ op: "apply" })) as ApplySummary;
       return {
         applied: true,
-        note: `applied by egressd (${r.kind === "none" ? "no kernel change needed" : r.kind === "delta" ? "set update" : "table replaced"})`,
+        note: `applied by egressd (${changeText(r)})${pendingText(r)}`,
       };
     } catch (err) {
       if (!(err instanceof EgressError)) throw err;
@@ -127,13 +154,21 @@ export async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: st
 export async function register(
   ctx: Ctx,
   service: string,
-  opts: { user: string; group?: string; createUser?: boolean; mode?: string },
+  opts: { user: string; group?: string; createUser?: boolean; mode?: string; dns?: string },
 ): Promise<Result> {
   checkServiceName(service);
   const mode = (opts.mode ?? "enforce") as Mode;
   if (mode !== "enforce" && mode !== "audit") {
     throw invalid("ERR_EGRESS_MODE", `invalid mode "${opts.mode}"`, [
       { where: "--mode", text: "use enforce or audit" },
+    ]);
+  }
+  if (opts.dns !== undefined && !DNS_MODES.includes(opts.dns as DnsMode)) {
+    throw invalid("ERR_EGRESS_DNS_MODE", `invalid DNS mode "${opts.dns}"`, [
+      {
+        where: "--dns",
+        text: "use proxy (egressd answers its lookups), system (it may reach the resolvers) or none",
+      },
     ]);
   }
   const user = parsePrincipal(opts.user, "--user");
@@ -171,12 +206,22 @@ export async function register(
       );
     }
     const existing = await ctx.store.loadService(service);
+    const dns = (opts.dns as DnsMode | undefined) ?? existing?.dns ?? "proxy";
+    const wild = (existing?.outbound ?? []).filter((o) => o.host.startsWith("*."));
+    if (wild.length && dns !== "proxy") {
+      throw invalid(
+        "ERR_EGRESS_WILDCARD_MODE",
+        `${service} allows ${wild.map(formatTarget).join(", ")}, and wildcards need DNS-aware mode`,
+        [],
+        `revoke them first (egressctl revoke ${service} ${wild.map(formatTarget).join(" ")}), or keep --dns proxy`,
+      );
+    }
     const policy: ServicePolicy = {
       name: service,
       user,
       ...(group !== undefined ? { group } : {}),
       mode,
-      dns: existing?.dns ?? "system",
+      dns,
       outbound: existing?.outbound ?? [],
       inbound: existing?.inbound ?? [],
     };
@@ -189,7 +234,7 @@ export async function register(
     const verb = existing ? "updated" : "registered";
     return {
       exitCode: 0,
-      text: `${verb} ${service}: user ${String(user)} (uid ${uid.id})${created ? ", created" : ""}, mode ${mode}\n${effect.note}\n`,
+      text: `${verb} ${service}: user ${String(user)} (uid ${uid.id})${created ? ", created" : ""}, mode ${mode}, dns ${dns}\n${effect.note}\n`,
       data: {
         service,
         action: verb,
@@ -224,6 +269,15 @@ export async function allow(
   const rules = parseTargets(targets);
   return ctx.store.locked(async () => {
     const p = await requireService(ctx, service);
+    const wild = rules.filter((r) => r.host.startsWith("*."));
+    if (wild.length && p.dns !== "proxy") {
+      throw invalid(
+        "ERR_EGRESS_WILDCARD_MODE",
+        `${service} is not DNS-aware (its dns is "${p.dns}"), so it cannot allow ${wild.map(formatTarget).join(", ")}`,
+        [],
+        `wildcards need "dns": "proxy", where egressd answers the service's own lookups: egressctl register ${service} --user ${String(p.user)} --dns proxy; or allow each name`,
+      );
+    }
     const added = rules.filter(
       (r, i) =>
         !p.outbound.some((o) => sameRule(o, r)) && rules.findIndex((x) => sameRule(x, r)) === i,
@@ -373,7 +427,7 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
     const r = (await call({ op: "apply" })) as ApplySummary;
     return {
       exitCode: 0,
-      text: `applied by egressd: ${r.kind === "none" ? "the kernel already matched the policy" : r.kind === "delta" ? `${r.changes} set element(s) changed` : "table replaced"}\n`,
+      text: `applied by egressd: ${r.kind === "none" ? "the kernel already matched the policy" : changeText(r)}${pendingText(r)}\n`,
       data: { dryRun: false, daemon: true, ...r },
     };
   }
@@ -430,6 +484,15 @@ interface StatusData {
     uid: number;
     gid?: number;
     mode: string;
+    dns?: {
+      mode: string;
+      proxyPort?: number | null;
+      queriesAllowed?: number;
+      queriesRefused?: number;
+      queriesFailed?: number;
+      lastRefused?: { name: string; at: number }[];
+      learned?: number;
+    };
     refused: { packets: number; bytes: number } | null;
     inbound: { ports: string; protocol: string; from?: string[] }[];
     names: {
@@ -477,6 +540,17 @@ function statusText(s: StatusData): string {
       "",
       `${svc.name}  uid ${svc.uid}${svc.gid !== undefined ? `  gid ${svc.gid}` : ""}  ${svc.mode}  ${svc.mode === "audit" ? "would have refused" : "refused"} ${svc.refused?.packets ?? 0} packets`,
     );
+    const dns = svc.dns;
+    if (dns?.mode === "proxy") {
+      const last = dns.lastRefused?.length
+        ? ` (last: ${[...new Set(dns.lastRefused.map((x) => x.name))].slice(0, 5).join(", ")})`
+        : "";
+      lines.push(
+        dns.proxyPort
+          ? `  dns proxy on port ${dns.proxyPort}: ${dns.queriesAllowed ?? 0} allowed, ${dns.queriesRefused ?? 0} refused${last}, ${dns.queriesFailed ?? 0} failed; ${dns.learned ?? 0} learned address(es)`
+          : "  dns proxy NOT listening: its lookups fail (see the log for why)",
+      );
+    } else if (dns) lines.push(`  dns ${dns.mode}`);
     for (const r of svc.inbound)
       lines.push(`  in  ${r.ports}/${r.protocol} from ${r.from?.join(", ") || "anywhere"}`);
     for (const n of svc.names) {
@@ -523,7 +597,7 @@ export async function refresh(ctx: Ctx, service?: string): Promise<Result> {
   };
   return {
     exitCode: 0,
-    text: `re-resolved ${r.names.length} name(s); ${r.kind === "none" ? "no change" : r.kind === "delta" ? `${r.changes} set element(s) changed` : "table replaced"}\n`,
+    text: `re-resolved ${r.names.length} name(s); ${r.kind === "none" ? "no change" : changeText(r)}${pendingText(r)}\n`,
     data: r,
   };
 }

@@ -81,8 +81,18 @@ export function program(
         "enforce: refuse what is not allowed; audit: log and count only",
       ).default("enforce"),
     )
+    .option(
+      "--dns <mode>",
+      "proxy (default for new services): egressd answers its lookups, allowed names only; system: it may reach the resolvers; none: no DNS",
+    )
     .action(function (this: Command, service: string) {
-      const o = this.opts<{ user: string; group?: string; createUser?: boolean; mode: string }>();
+      const o = this.opts<{
+        user: string;
+        group?: string;
+        createUser?: boolean;
+        mode: string;
+        dns?: string;
+      }>();
       go(this, (ctx) => cmd.register(ctx, service, o));
     });
 

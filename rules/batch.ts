@@ -6,28 +6,49 @@ export interface Batch {
   nftables: Command[];
 }
 
-function setObject(
-  r: Ruleset,
+/** An element with a lifetime, as libnftables JSON takes it. */
+export function timedElement(e: unknown, timeoutSeconds: number): unknown {
+  return { elem: { val: e, timeout: timeoutSeconds } };
+}
+
+/** A set's elements for an `add`: timed ones with the lifetime left at `now`, expired ones left out. */
+function elementsAt(s: SetDef, now: number): unknown[] {
+  const exp = s.expires;
+  if (!exp) return s.elem;
+  const out: unknown[] = [];
+  for (const e of s.elem) {
+    const until = typeof e === "string" ? exp[e] : undefined;
+    if (until === undefined) out.push(e);
+    else if (until > now) out.push(timedElement(e, Math.ceil((until - now) / 1000)));
+  }
+  return out;
+}
+
+/** `add set` (or map) with its elements as they stand at `now`. */
+export function addSetCommand(
+  t: Pick<Ruleset, "family" | "table">,
   s: SetDef,
-  withElements: boolean,
-): Record<string, Record<string, unknown>> {
+  now: number,
+): Command {
   const obj: Record<string, unknown> = {
-    family: r.family,
-    table: r.table,
+    family: t.family,
+    table: t.table,
     name: s.name,
     type: s.type,
   };
   if (s.map) obj.map = s.map;
   if (s.flags?.length) obj.flags = s.flags;
-  if (withElements && s.elem.length) obj.elem = s.elem;
-  return { [s.map ? "map" : "set"]: obj };
+  const elem = elementsAt(s, now);
+  if (elem.length) obj.elem = elem;
+  return { add: { [s.map ? "map" : "set"]: obj } };
 }
 
 /**
  * One transaction that replaces egressd's table and nothing else: `add table` (a no-op
- * when present) so that `delete table` cannot fail, then the whole table anew.
+ * when present) so that `delete table` cannot fail, then the whole table anew. Elements with
+ * a lifetime get what is left of it at `now`.
  */
-export function replaceBatch(r: Ruleset): Batch {
+export function replaceBatch(r: Ruleset, now: number): Batch {
   const t = { family: r.family, name: r.table };
   const cmds: Command[] = [
     { add: { table: t } },
@@ -42,7 +63,7 @@ export function replaceBatch(r: Ruleset): Batch {
     if (c.base) Object.assign(chain, c.base);
     cmds.push({ add: { chain } });
   }
-  for (const s of r.sets) cmds.push({ add: setObject(r, s, true) });
+  for (const s of r.sets) cmds.push(addSetCommand(r, s, now));
   for (const c of r.chains) {
     for (const expr of c.rules)
       cmds.push({ add: { rule: { family: r.family, table: r.table, chain: c.name, expr } } });

@@ -1,16 +1,20 @@
 /**
- * The compiler: policy plus resolved addresses in, egressd's nftables table out (pure).
+ * The compiler: policy plus resolved and learned addresses in, egressd's nftables table out (pure).
  *
  * Shape (see docs/design.md):
- *   chain output (hook output): ct state established,related accept
- *                               meta skuid vmap @uid_dispatch
- *                               meta skgid vmap @gid_dispatch
- *   chain s_<svc>: resolvers, literal sets, DNS-derived sets, counter, log, reject.
- * The base chain holds the same three rules whatever the number of services.
+ *   chain output (hook output): a service's replies, then established traffic, then a
+ *                               redirected DNS query to the sender's own proxy port, then
+ *                               meta skuid vmap @uid_dispatch, meta skgid vmap @gid_dispatch
+ *   chain dns_redirect (nat):   port 53 of DNS-aware services to their proxy port
+ *   chain s_<svc>:              resolvers (system DNS), literal sets, one address set per
+ *                               port of its names, counter, log, reject.
+ * The base chains hold the same rules whatever the number of services.
  */
+import { compareAddresses } from "./address-filter.ts";
 import { parseNet, canonicalAddress, type Family } from "./addresses.ts";
 import { disjoint, elementJSON, type Allow } from "./elements.ts";
 import { invalid, type Problem } from "./errors.ts";
+import { NameMatcher, nameMatches, type NamePattern } from "./name-match.ts";
 import type { ServicePolicy } from "./policy.ts";
 import {
   checkInboundOverlap,
@@ -40,7 +44,12 @@ export interface ServiceInput {
   policy: ServicePolicy;
   uid: number;
   gid?: number;
+  /** The loopback port of its DNS proxy (DNS-aware services whose proxy is listening). */
+  proxyPort?: number;
 }
+
+/** Addresses a service learned through its own DNS queries: name -> address -> expiry (epoch ms). */
+export type Learned = ReadonlyMap<string, ReadonlyMap<string, number>>;
 
 export interface ResolverAddr {
   address: string;
@@ -54,11 +63,19 @@ export interface CompileInput {
   services: readonly ServiceInput[];
   /** Allowed addresses of each domain name, already filtered (see dns). */
   resolutions: ReadonlyMap<string, readonly string[]>;
+  /** What each service's DNS proxy learned, already filtered; absent: nothing. */
+  learned?: ReadonlyMap<string, Learned>;
 }
 
 export const BASE_CHAIN = "output";
+export const NAT_CHAIN = "dns_redirect";
 export const UID_MAP = "uid_dispatch";
 export const GID_MAP = "gid_dispatch";
+/** uid -> proxy port (the redirect), and uid . port (who may reach which proxy port). */
+export const UID_PROXY = "uid2port";
+export const GID_PROXY = "gid2port";
+export const UID_PROXY_PORTS = "uid_proxyport";
+export const GID_PROXY_PORTS = "gid_proxyport";
 export const LOG_RATE = { rate: 5, per: "second", burst: 10 } as const;
 
 const CONCAT_TYPE: Record<Family, string[]> = {
@@ -73,12 +90,22 @@ export function serviceObject(service: string): string {
 
 export function serviceSets(service: string) {
   const base = serviceObject(service);
-  return {
-    lit4: `${base}_lit4`,
-    lit6: `${base}_lit6`,
-    dns4: `${base}_dns4`,
-    dns6: `${base}_dns6`,
-  };
+  return { lit4: `${base}_lit4`, lit6: `${base}_lit6` };
+}
+
+/**
+ * The set of a service's DNS-derived addresses for one protocol and port range:
+ * "s_svc_web_tcp443_4", "s_svc_web_udp8000_8100_6". Unambiguous: every other set suffix
+ * is one word, and this one starts with a protocol and ends with a family.
+ */
+export function nameSet(
+  service: string,
+  protocol: Protocol,
+  ports: PortRange,
+  family: Family,
+): string {
+  const range = ports.low === ports.high ? `${ports.low}` : `${ports.low}_${ports.high}`;
+  return `${serviceObject(service)}_${protocol}${range}_${family}`;
 }
 
 export const resolverSet = (family: Family) => `resolvers${family}`;
@@ -141,7 +168,7 @@ function literalAllows(policy: ServicePolicy): Record<Family, Allow[]> {
   return out;
 }
 
-/** Domain allowances of a policy: name, protocol and ports. */
+/** Exact domain allowances of a policy: name, protocol and ports (the names the refresh loop keeps resolved). */
 export function domainAllowances(
   policy: ServicePolicy,
 ): { name: string; protocol: Protocol; ports: PortRange }[] {
@@ -152,25 +179,133 @@ export function domainAllowances(
   return out;
 }
 
-/** Elements of a service's DNS-derived sets from the current resolutions. */
-export function dnsSetElements(
+/** Every name allowance, exact or wildcard. */
+export function nameAllowances(
   policy: ServicePolicy,
-  resolutions: ReadonlyMap<string, readonly string[]>,
-): Record<Family, unknown[]> {
-  const allows: Record<Family, Allow[]> = { 4: [], 6: [] };
-  for (const d of domainAllowances(policy)) {
-    for (const address of resolutions.get(d.name) ?? []) {
-      const net = parseNet(address);
-      if ("error" in net) continue;
-      allows[net.family].push({ range: net.range, protocol: d.protocol, ports: d.ports });
+): { pattern: NamePattern; protocol: Protocol; ports: PortRange }[] {
+  const out = [];
+  for (const r of parsed(policy))
+    if (r.host.kind === "domain" || r.host.kind === "wildcard")
+      out.push({ pattern: r.host, protocol: r.protocol, ports: r.ports });
+  return out;
+}
+
+/** The names and wildcards a service may look up (its DNS proxy answers only these). */
+export function nameMatcher(policy: ServicePolicy): NameMatcher {
+  return new NameMatcher(nameAllowances(policy).map((a) => a.pattern));
+}
+
+interface PortClass {
+  protocol: Protocol;
+  ports: PortRange;
+  patterns: NamePattern[];
+}
+
+/** Name allowances grouped by protocol and port range, in a stable order. */
+function portClasses(policy: ServicePolicy): PortClass[] {
+  const byKey = new Map<string, PortClass>();
+  for (const a of nameAllowances(policy)) {
+    const key = `${a.protocol}/${a.ports.low}-${a.ports.high}`;
+    const c = byKey.get(key) ?? { protocol: a.protocol, ports: a.ports, patterns: [] };
+    c.patterns.push(a.pattern);
+    byKey.set(key, c);
+  }
+  return [...byKey.values()].sort(
+    (a, b) =>
+      a.protocol.localeCompare(b.protocol) ||
+      a.ports.low - b.ports.low ||
+      a.ports.high - b.ports.high,
+  );
+}
+
+/** `tcp dport 443 ip daddr @set accept`, in the form nft lists it. */
+function nameRule(c: PortClass, family: Family, set: string): Expr[] {
+  return [
+    {
+      match: {
+        op: "==",
+        left: { payload: { protocol: c.protocol, field: "dport" } },
+        right: c.ports.low === c.ports.high ? c.ports.low : { range: [c.ports.low, c.ports.high] },
+      },
+    },
+    {
+      match: {
+        op: "==",
+        left: { payload: { protocol: family === 4 ? "ip" : "ip6", field: "daddr" } },
+        right: `@${set}`,
+      },
+    },
+    { accept: null },
+  ];
+}
+
+/**
+ * One address set per family and port class. The refresh loop's addresses of the class's exact
+ * names are permanent elements; addresses the service's DNS proxy learned for a matching name
+ * carry their expiry (the kernel drops them then, with or without egressd).
+ */
+function nameSets(
+  svc: ServiceInput,
+  resolutions: CompileInput["resolutions"],
+  learned: Learned | undefined,
+): { sets: SetDef[]; rules: Expr[][] } {
+  const sets: SetDef[] = [];
+  const rules: Expr[][] = [];
+  for (const c of portClasses(svc.policy)) {
+    for (const family of [4, 6] as const) {
+      const name = nameSet(svc.policy.name, c.protocol, c.ports, family);
+      const permanent = new Set<string>();
+      for (const p of c.patterns) {
+        if (p.kind !== "domain") continue;
+        for (const a of resolutions.get(p.name) ?? []) if (familyOf(a) === family) permanent.add(a);
+      }
+      const expires: Record<string, number> = {};
+      for (const [qname, addresses] of learned ?? []) {
+        if (!c.patterns.some((p) => nameMatches(p, qname))) continue;
+        for (const [a, until] of addresses) {
+          if (familyOf(a) !== family || permanent.has(a)) continue;
+          expires[a] = Math.max(expires[a] ?? 0, until);
+        }
+      }
+      sets.push({
+        name,
+        type: family === 4 ? "ipv4_addr" : "ipv6_addr",
+        flags: ["timeout"],
+        elem: [...permanent, ...Object.keys(expires)].sort(compareAddresses),
+        ...(Object.keys(expires).length ? { expires } : {}),
+      });
+      rules.push(nameRule(c, family, name));
     }
   }
-  return { 4: disjoint(allows[4]).map(elementJSON), 6: disjoint(allows[6]).map(elementJSON) };
+  return { sets, rules };
+}
+
+const familyOf = (address: string): Family => (address.includes(":") ? 6 : 4);
+
+/** A service's name sets alone (what the DNS proxy updates between full compiles). */
+export function serviceNameSets(
+  svc: ServiceInput,
+  resolutions: CompileInput["resolutions"],
+  learned: Learned | undefined,
+): SetDef[] {
+  return nameSets(svc, resolutions, learned).sets;
+}
+
+/** The name sets of `policy` that an address learned for `name` goes into, by family. */
+export function nameSetsFor(policy: ServicePolicy, name: string): Record<Family, string[]> {
+  const out: Record<Family, string[]> = { 4: [], 6: [] };
+  for (const c of portClasses(policy)) {
+    if (!c.patterns.some((p) => nameMatches(p, name))) continue;
+    out[4].push(nameSet(policy.name, c.protocol, c.ports, 4));
+    out[6].push(nameSet(policy.name, c.protocol, c.ports, 6));
+  }
+  return out;
 }
 
 function serviceChain(
   svc: ServiceInput,
   resolutions: CompileInput["resolutions"],
+  learned: Learned | undefined,
 ): { chain: ChainDef; sets: SetDef[] } {
   const { policy } = svc;
   const names = serviceSets(policy.name);
@@ -186,14 +321,9 @@ function serviceChain(
     sets.push(concatSet(name, family, literal[family]));
     rules.push(allowRule(family, name));
   }
-  if (domainAllowances(policy).length) {
-    const elements = dnsSetElements(policy, resolutions);
-    for (const family of [4, 6] as const) {
-      const name = family === 4 ? names.dns4 : names.dns6;
-      sets.push({ name, type: CONCAT_TYPE[family], flags: ["interval"], elem: elements[family] });
-      rules.push(allowRule(family, name));
-    }
-  }
+  const byName = nameSets(svc, resolutions, learned);
+  sets.push(...byName.sets);
+  rules.push(...byName.rules);
   const obj = serviceObject(policy.name);
   rules.push(...refusal(obj, `egressd ${verb(policy)} ${policy.name}: `, policy.mode, "reject"));
   return { chain: { name: obj, rules }, sets };
@@ -293,6 +423,30 @@ function resolverAllows(resolvers: readonly ResolverAddr[], family: Family): All
   return out;
 }
 
+/** `ct status dnat meta skuid . th dport @uid_proxyport accept` */
+function proxyAcceptRule(key: "skuid" | "skgid", set: string): Expr[] {
+  return [
+    { match: { op: "in", left: { ct: { key: "status" } }, right: "dnat" } },
+    {
+      match: {
+        op: "==",
+        left: { concat: [{ meta: { key } }, { payload: { protocol: "th", field: "dport" } }] },
+        right: `@${set}`,
+      },
+    },
+    { accept: null },
+  ];
+}
+
+/** `meta l4proto { tcp, udp } th dport 53 redirect to :meta skuid map @uid2port` */
+function redirectRule(key: "skuid" | "skgid", map: string): Expr[] {
+  return [
+    { match: { op: "==", left: { meta: { key: "l4proto" } }, right: { set: ["tcp", "udp"] } } },
+    { match: { op: "==", left: { payload: { protocol: "th", field: "dport" } }, right: 53 } },
+    { redirect: { port: { map: { key: { meta: { key } }, data: `@${map}` } } } },
+  ];
+}
+
 /** Checks that no two services claim the same uid or gid. */
 export function checkDistinctOwners(services: readonly ServiceInput[]): void {
   const problems: Problem[] = [];
@@ -332,8 +486,14 @@ export function compile(input: CompileInput): Ruleset {
     gidServe: [] as unknown[],
     ports: [] as unknown[],
   };
+  const proxy = {
+    uid: [] as unknown[],
+    gid: [] as unknown[],
+    uidPorts: [] as unknown[],
+    gidPorts: [] as unknown[],
+  };
   for (const svc of services) {
-    const built = serviceChain(svc, input.resolutions);
+    const built = serviceChain(svc, input.resolutions, input.learned?.get(svc.policy.name));
     const inbound = inboundParts(svc);
     chains.push(built.chain, ...inbound.chains);
     sets.push(...built.sets, ...inbound.sets);
@@ -345,9 +505,23 @@ export function compile(input: CompileInput): Ruleset {
       elems.gid.push([svc.gid, { goto: { target: built.chain.name } }]);
       elems.gidServe.push([svc.gid, { goto: { target: inbound.reply } }]);
     }
+    if (svc.policy.dns === "proxy" && svc.proxyPort !== undefined) {
+      proxy.uid.push([svc.uid, svc.proxyPort]);
+      proxy.uidPorts.push({ concat: [svc.uid, svc.proxyPort] });
+      if (svc.gid !== undefined) {
+        proxy.gid.push([svc.gid, svc.proxyPort]);
+        proxy.gidPorts.push({ concat: [svc.gid, svc.proxyPort] });
+      }
+    }
   }
   const byKey = (a: unknown, b: unknown) => (a as [number])[0] - (b as [number])[0];
+  const byConcat = (a: unknown, b: unknown) =>
+    (a as { concat: [number] }).concat[0] - (b as { concat: [number] }).concat[0];
   sets.unshift(
+    { name: UID_PROXY, type: "uid", map: "inet_service", elem: proxy.uid.sort(byKey) },
+    { name: GID_PROXY, type: "gid", map: "inet_service", elem: proxy.gid.sort(byKey) },
+    { name: UID_PROXY_PORTS, type: ["uid", "inet_service"], elem: proxy.uidPorts.sort(byConcat) },
+    { name: GID_PROXY_PORTS, type: ["gid", "inet_service"], elem: proxy.gidPorts.sort(byConcat) },
     { name: UID_MAP, type: "uid", map: "verdict", elem: elems.uid.sort(byKey) },
     { name: GID_MAP, type: "gid", map: "verdict", elem: elems.gid.sort(byKey) },
     { name: UID_SERVE, type: "uid", map: "verdict", elem: elems.uidServe.sort(byKey) },
@@ -372,9 +546,17 @@ export function compile(input: CompileInput): Ruleset {
       serveDispatchRule("skuid", UID_SERVE),
       serveDispatchRule("skgid", GID_SERVE),
       established,
+      // A DNS query redirected to the sender's own proxy port (and only that way, only its own).
+      proxyAcceptRule("skuid", UID_PROXY_PORTS),
+      proxyAcceptRule("skgid", GID_PROXY_PORTS),
       [{ vmap: { key: { meta: { key: "skuid" } }, data: `@${UID_MAP}` } }],
       [{ vmap: { key: { meta: { key: "skgid" } }, data: `@${GID_MAP}` } }],
     ],
+  };
+  const redirect: ChainDef = {
+    name: NAT_CHAIN,
+    base: { type: "nat", hook: "output", prio: -100, policy: "accept" },
+    rules: [redirectRule("skuid", UID_PROXY), redirectRule("skgid", GID_PROXY)],
   };
   const inputChain: ChainDef = {
     name: IN_CHAIN,
@@ -386,6 +568,6 @@ export function compile(input: CompileInput): Ruleset {
     table: input.table,
     counters,
     sets,
-    chains: [output, inputChain, ...chains],
+    chains: [output, inputChain, redirect, ...chains],
   };
 }

@@ -33,7 +33,9 @@ export interface Finding {
   opens?: boolean;
 }
 
-const ALLOW_SET = /(_lit4|_lit6|_dns4|_dns6|_inb4|_inb6|_srvp|^set resolvers[46])$/;
+/** Sets whose extra elements allow traffic: literal, name, inbound and resolver sets, proxy ports. */
+const ALLOW_SET =
+  /(_lit4|_lit6|_(tcp|udp)[0-9]+(_[0-9]+)?_[46]|_inb4|_inb6|_srvp|^set resolvers[46]|^set [ug]id_proxyport)$/;
 const DISPATCH_MAP = /^map (uid_dispatch|gid_dispatch|uid_serve|gid_serve|in_dispatch)$/;
 
 /** Whether a finding may open the firewall: the cases an operator must look at first. */

@@ -15,10 +15,32 @@ function scrub(expr: unknown): unknown {
 }
 
 /**
- * Parses a listing of one table. Returns null when the listing holds no such table.
- * Objects of other tables (a listing never has them) are ignored.
+ * Elements as listed: plain values, and `{elem: {val, timeout, expires}}` for elements with a
+ * lifetime, whose expiry (seconds from now) becomes an absolute time in `expires`.
  */
-export function parseLive(listing: unknown, table: string): Ruleset | null {
+function elements(
+  raw: unknown[],
+  now: number,
+): { elem: unknown[]; expires?: Record<string, number> } {
+  const elem: unknown[] = [];
+  const expires: Record<string, number> = {};
+  for (const e of raw) {
+    const inner = (e as { elem?: { val?: unknown; expires?: unknown } })?.elem;
+    if (inner && typeof inner === "object" && "val" in inner) {
+      elem.push(inner.val);
+      if (typeof inner.expires === "number" && typeof inner.val === "string")
+        expires[inner.val] = now + inner.expires * 1000;
+    } else elem.push(e);
+  }
+  return Object.keys(expires).length ? { elem, expires } : { elem };
+}
+
+/**
+ * Parses a listing of one table. Returns null when the listing holds no such table.
+ * Objects of other tables (a listing never has them) are ignored. `now` turns the remaining
+ * lifetimes of timed elements into expiry times.
+ */
+export function parseLive(listing: unknown, table: string, now = 0): Ruleset | null {
   const items = ((listing as { nftables?: unknown[] })?.nftables ?? []) as Obj[];
   const ruleset: Ruleset = { family: "inet", table, counters: [], sets: [], chains: [] };
   const chains = new Map<string, ChainDef>();
@@ -42,9 +64,9 @@ export function parseLive(listing: unknown, table: string): Ruleset | null {
         const s: SetDef = {
           name: String(o.name),
           type: o.type as string | string[],
-          elem: Array.isArray(o.elem) ? (o.elem as unknown[]) : [],
+          ...elements(Array.isArray(o.elem) ? (o.elem as unknown[]) : [], now),
         };
-        if (kind === "map") s.map = o.map as "verdict";
+        if (kind === "map") s.map = o.map as SetDef["map"];
         if (Array.isArray(o.flags) && o.flags.length) s.flags = [...(o.flags as string[])].sort();
         ruleset.sets.push(s);
         break;

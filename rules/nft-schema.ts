@@ -101,11 +101,30 @@ const schema = {
         minItems: 2,
       },
     }),
+    // uid . port (who may reach which DNS proxy port)
+    idPortElem: obj({
+      concat: {
+        type: "array",
+        prefixItems: [{ $ref: "#/$defs/id" }, { $ref: "#/$defs/port" }],
+        items: false,
+        minItems: 2,
+      },
+    }),
+    // An address with a lifetime (learned by a DNS proxy), in seconds.
+    timedElem: obj({
+      elem: obj({
+        val: { $ref: "#/$defs/address" },
+        timeout: { type: "integer", minimum: 1, maximum: 4294967 },
+      }),
+    }),
     setElem: {
       anyOf: [
+        { $ref: "#/$defs/address" },
+        { $ref: "#/$defs/timedElem" },
         { $ref: "#/$defs/concatElem" },
         { $ref: "#/$defs/sourceElem" },
         { $ref: "#/$defs/portKeyElem" },
+        { $ref: "#/$defs/idPortElem" },
       ],
     },
     verdict: {
@@ -120,7 +139,7 @@ const schema = {
       type: "array",
       prefixItems: [
         { anyOf: [{ $ref: "#/$defs/id" }, { $ref: "#/$defs/portKeyElem" }] },
-        { $ref: "#/$defs/verdict" },
+        { anyOf: [{ $ref: "#/$defs/verdict" }, { $ref: "#/$defs/port" }] },
       ],
       items: false,
       minItems: 2,
@@ -133,7 +152,7 @@ const schema = {
           family: FAMILY,
           table: NAME,
           name: NAME,
-          type: { const: "filter" },
+          type: { enum: ["filter", "nat"] },
           hook: { enum: ["output", "input"] },
           prio: { type: "integer", minimum: -1000, maximum: 1000 },
           policy: { enum: ["accept", "drop"] },
@@ -153,7 +172,7 @@ const schema = {
         {
           type: "array",
           minItems: 2,
-          items: { enum: ["ipv4_addr", "ipv6_addr", "inet_proto", "inet_service"] },
+          items: { enum: ["uid", "gid", "ipv4_addr", "ipv6_addr", "inet_proto", "inet_service"] },
         },
       ],
     },
@@ -163,7 +182,7 @@ const schema = {
         table: NAME,
         name: NAME,
         type: { $ref: "#/$defs/setType" },
-        flags: { type: "array", items: { enum: ["interval"] }, uniqueItems: true },
+        flags: { type: "array", items: { enum: ["interval", "timeout"] }, uniqueItems: true },
         elem: { type: "array", items: { $ref: "#/$defs/setElem" } },
       },
       ["family", "table", "name", "type"],
@@ -185,7 +204,7 @@ const schema = {
           ],
         },
         flags: { type: "array", items: { enum: ["interval"] }, uniqueItems: true },
-        map: { const: "verdict" },
+        map: { enum: ["verdict", "inet_service"] },
         elem: { type: "array", items: { $ref: "#/$defs/mapElem" } },
       },
       ["family", "table", "name", "type", "map"],
@@ -211,7 +230,7 @@ const schema = {
       }),
     }),
     meta: obj({ meta: obj({ key: { enum: ["l4proto", "skuid", "skgid", "nfproto"] } }) }),
-    ct: obj({ ct: obj({ key: { enum: ["state", "direction"] } }) }),
+    ct: obj({ ct: obj({ key: { enum: ["state", "direction", "status"] } }) }),
     concatExpr: obj({
       concat: {
         type: "array",
@@ -230,8 +249,9 @@ const schema = {
     right: {
       anyOf: [
         { type: "string", pattern: "^@[A-Za-z_][A-Za-z0-9_]{0,62}$" },
-        { enum: ["tcp", "udp", "icmp", "ipv6-icmp", "original", "reply"] },
-        { $ref: "#/$defs/port" },
+        { enum: ["tcp", "udp", "icmp", "ipv6-icmp", "original", "reply", "dnat"] },
+        { $ref: "#/$defs/portElem" },
+        obj({ set: { type: "array", minItems: 1, items: { enum: ["tcp", "udp"] } } }),
         {
           type: "array",
           minItems: 1,
@@ -281,6 +301,16 @@ const schema = {
           }),
         }),
         obj({
+          redirect: obj({
+            port: obj({
+              map: obj({
+                key: { $ref: "#/$defs/meta" },
+                data: { type: "string", pattern: "^@[A-Za-z_][A-Za-z0-9_]{0,62}$" },
+              }),
+            }),
+          }),
+        }),
+        obj({
           vmap: obj({
             key: { anyOf: [{ $ref: "#/$defs/meta" }, { $ref: "#/$defs/concatExpr" }] },
 
@@ -300,16 +330,22 @@ const schema = {
         obj({ element: { $ref: "#/$defs/element" } }),
       ],
     },
+    named: obj({ family: FAMILY, table: NAME, name: NAME }),
     deleteObject: {
       anyOf: [
         obj({ table: { $ref: "#/$defs/table" } }),
         obj({ element: { $ref: "#/$defs/element" } }),
+        obj({ chain: { $ref: "#/$defs/named" } }),
+        obj({ set: { $ref: "#/$defs/named" } }),
+        obj({ map: { $ref: "#/$defs/named" } }),
+        obj({ counter: { $ref: "#/$defs/named" } }),
       ],
     },
     command: {
       anyOf: [
         obj({ add: { $ref: "#/$defs/addObject" } }),
         obj({ delete: { $ref: "#/$defs/deleteObject" } }),
+        obj({ flush: obj({ chain: { $ref: "#/$defs/named" } }) }),
       ],
     },
   },

@@ -16,7 +16,13 @@ import {
 } from "./target.ts";
 
 export type Mode = "enforce" | "audit";
-export type DnsMode = "system" | "none";
+/**
+ * How a service's DNS works. proxy (DNS-aware, the default): its port-53 queries are redirected
+ * to egressd, which answers only allowed names; system: it may reach the configured resolvers;
+ * none: no DNS at all.
+ */
+export type DnsMode = "proxy" | "system" | "none";
+export const DNS_MODES: readonly DnsMode[] = ["proxy", "system", "none"];
 
 export interface InboundRule {
   ports: string;
@@ -50,6 +56,10 @@ export interface DaemonConfig {
   dns: {
     /** Deadline of one query to one resolver (UDP and the TCP retry after truncation), ms. */
     queryTimeoutMs: number;
+    /** How the DNS proxy answers a name a service may not look up. */
+    unlistedNames: "nxdomain" | "refused";
+    /** Loopback ports the DNS proxies of DNS-aware services may use: "LOW-HIGH". */
+    proxyPortRange: string;
   };
   audit: { schedule: string; repair: boolean };
   log: { level: "fatal" | "error" | "warn" | "info" | "debug" | "trace" };
@@ -64,7 +74,7 @@ export const DEFAULT_CONFIG: DaemonConfig = {
     maxAddressesPerName: 64,
     allowPrivateAddresses: true,
   },
-  dns: { queryTimeoutMs: 2000 },
+  dns: { queryTimeoutMs: 2000, unlistedNames: "nxdomain", proxyPortRange: "20000-32767" },
   audit: { schedule: "*/5 * * * *", repair: true },
   log: { level: "info" },
 };
@@ -100,7 +110,7 @@ export const SERVICE_SCHEMA = {
     user: principalSchema,
     group: principalSchema,
     mode: { enum: ["enforce", "audit"] },
-    dns: { enum: ["system", "none"] },
+    dns: { enum: ["proxy", "system", "none"] },
     outbound: {
       type: "array",
       items: {
@@ -157,6 +167,12 @@ export const CONFIG_SCHEMA = {
       additionalProperties: false,
       properties: {
         queryTimeoutMs: { type: "integer", minimum: 100, maximum: 60000 },
+        unlistedNames: { enum: ["nxdomain", "refused"] },
+        proxyPortRange: {
+          type: "string",
+          pattern: "^[0-9]{1,5}-[0-9]{1,5}$",
+          description: 'must be a port range, e.g. "20000-32767"',
+        },
       },
     },
     audit: {
@@ -199,6 +215,11 @@ export function parseResolver(
   return { address: net.canonical, family: net.family, port };
 }
 
+/** Why a wildcard is refused for a service that is not DNS-aware, and how to fix it. */
+export function wildcardNeedsProxy(host: string, dns: DnsMode): string {
+  return `"${host}" is a wildcard, and wildcards need DNS-aware mode ("dns": "proxy"); this service's dns is "${dns}": set "dns": "proxy" (egressctl register SERVICE --user USER --dns proxy), or allow each name`;
+}
+
 /** Validates parsed JSON as a service policy; returns it in canonical form or throws all problems. */
 export function validateService(raw: unknown, file: string, expectedName?: string): ServicePolicy {
   // Schema problems and value problems are collected together: one run shows them all.
@@ -230,11 +251,17 @@ export function validateService(raw: unknown, file: string, expectedName?: strin
     }
     return formatPorts(r);
   };
+  const dns: DnsMode = DNS_MODES.includes(doc.dns as DnsMode) ? (doc.dns as DnsMode) : "proxy";
   const outbound: OutboundRule[] = list(doc.outbound).map((o, i) => {
     const hostText_ = typeof o.host === "string" ? o.host : "";
     const host = parseHost(hostText_);
     if ("error" in host && hostText_)
       problems.push({ where: at(`$.outbound[${i}].host`), text: host.error });
+    if (!("error" in host) && host.kind === "wildcard" && dns !== "proxy")
+      problems.push({
+        where: at(`$.outbound[${i}].host`),
+        text: wildcardNeedsProxy(hostText_, dns),
+      });
     return {
       host: "error" in host ? hostText_ : hostText(host),
       ports: ports(o.ports, `$.outbound[${i}].ports`),
@@ -274,7 +301,7 @@ export function validateService(raw: unknown, file: string, expectedName?: strin
     user: doc.user as string | number,
     ...(doc.group !== undefined ? { group: doc.group as string | number } : {}),
     mode: (doc.mode as Mode | undefined) ?? "enforce",
-    dns: (doc.dns as DnsMode | undefined) ?? "system",
+    dns,
     outbound,
     inbound,
   };
@@ -306,6 +333,14 @@ export function validateConfig(raw: unknown, file: string): DaemonConfig {
     if ("error" in parsed)
       problems.push({ where: `${file}: $.resolvers[${i}]`, text: parsed.error });
   });
+  const range = parsePorts(config.dns.proxyPortRange);
+  if ("error" in range)
+    problems.push({ where: `${file}: $.dns.proxyPortRange`, text: range.error });
+  else if (range.low < 1024)
+    problems.push({
+      where: `${file}: $.dns.proxyPortRange`,
+      text: `"${config.dns.proxyPortRange}" starts below 1024: egressd's own user may not bind privileged ports; use e.g. 20000-32767`,
+    });
   const { minTtlSeconds: min, maxTtlSeconds: max } = config.refresh;
   if (typeof min === "number" && typeof max === "number" && min > max) {
     problems.push({

@@ -26,6 +26,8 @@ function exprText(e: unknown): string {
     case "prefix":
     case "range":
       return elementText(o);
+    case "set":
+      return `{ ${(v as unknown[]).map(exprText).join(", ")} }`;
     default:
       return JSON.stringify(o);
   }
@@ -64,6 +66,10 @@ function stmtText(s: Expr): string {
       return `reject${val.type ? ` with ${String(val.type)}${val.expr ? ` ${String(val.expr)}` : ""}` : ""}`;
     case "vmap":
       return `${exprText(val.key)} vmap ${String(val.data)}`;
+    case "redirect": {
+      const m = (val.port as { map?: { key: unknown; data: unknown } } | undefined)?.map;
+      return m ? `redirect to :${exprText(m.key)} map ${String(m.data)}` : "redirect";
+    }
     default:
       return JSON.stringify(s);
   }

@@ -7,15 +7,20 @@ export interface SetDef {
   name: string;
   /** A single type ("uid") or the parts of a concatenation. */
   type: string | string[];
-  /** Present for verdict maps. */
-  map?: "verdict";
+  /** Present for maps: the type of the value. */
+  map?: "verdict" | "inet_service";
   flags?: string[];
-  /** Elements in libnftables JSON form; map elements are [key, verdict]. */
+  /** Elements in libnftables JSON form; map elements are [key, value]. */
   elem: unknown[];
+  /**
+   * Expiry (epoch ms) of elements that have one, keyed by the element (an address): sets with
+   * the "timeout" flag. Elements not listed are permanent.
+   */
+  expires?: Record<string, number>;
 }
 
 export interface BaseChain {
-  type: "filter";
+  type: "filter" | "nat";
   hook: "output" | "input";
   prio: number;
   policy: "accept" | "drop";

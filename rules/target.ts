@@ -17,7 +17,14 @@ export interface OutboundRule {
   protocol: Protocol;
 }
 
-export type HostSpec = { kind: "domain"; name: string } | ({ kind: "net" } & ParsedNet);
+/**
+ * A policy host: a domain name, a wildcard (`*.example.com`: any name below example.com, at
+ * any depth, not example.com itself; DNS-aware services only), or an address or network.
+ */
+export type HostSpec =
+  | { kind: "domain"; name: string }
+  | { kind: "wildcard"; suffix: string }
+  | ({ kind: "net" } & ParsedNet);
 
 /** Parses "443" or "8000-8100". Returns an error text naming what is allowed. */
 export function parsePorts(text: string): PortRange | { error: string } {
@@ -46,9 +53,9 @@ const LABEL = /^(?!-)[a-z0-9_-]{1,63}(?<!-)$/;
  * Returns the canonical name or an error text.
  */
 export function parseDomain(text: string): { name: string } | { error: string } {
-  if (text.startsWith("*.")) {
+  if (text.includes("*")) {
     return {
-      error: `invalid host "${text}": wildcards are not supported (DNS cannot list every name under a domain); allow each name`,
+      error: `invalid host "${text}": a wildcard is "*." followed by a domain, e.g. *.example.com`,
     };
   }
   const trimmed = text.endsWith(".") ? text.slice(0, -1) : text;
@@ -86,6 +93,11 @@ export function parseHost(text: string): HostSpec | { error: string } {
   }
   if (text.includes("/"))
     return { error: `invalid host "${text}": neither an IP network nor a domain name` };
+  if (text.startsWith("*.")) {
+    const d = parseDomain(text.slice(2));
+    if ("error" in d) return { error: d.error.replace(`"${text.slice(2)}"`, `"${text}"`) };
+    return { kind: "wildcard", suffix: d.name };
+  }
   const d = parseDomain(text);
   if ("error" in d) return d;
   return { kind: "domain", name: d.name };
@@ -93,7 +105,7 @@ export function parseHost(text: string): HostSpec | { error: string } {
 
 /** Canonical text of a host as stored in policy files. */
 export function hostText(h: HostSpec): string {
-  return h.kind === "domain" ? h.name : h.canonical;
+  return h.kind === "domain" ? h.name : h.kind === "wildcard" ? `*.${h.suffix}` : h.canonical;
 }
 
 export function parseProtocol(text: string): Protocol | { error: string } {

@@ -188,3 +188,30 @@ function tcp(server: ResolverAddr, msg: Buffer, qEnd: number, deadline: number):
     );
   });
 }
+
+/**
+ * Forwards a query to `servers` in order, each under `timeoutMs`, and returns the first answer
+ * that is not SERVFAIL or REFUSED (or the last such answer, when every resolver gave one).
+ * Throws the last failure when no resolver answered at all.
+ */
+export async function forward(
+  servers: readonly ResolverAddr[],
+  query: Buffer,
+  timeoutMs: number,
+  observe?: ExchangeObserver,
+): Promise<Buffer> {
+  let last: Buffer | null = null;
+  let failure: Error = new ExchangeError("UNREACHABLE", "no resolvers configured");
+  for (const server of servers) {
+    try {
+      const reply = await exchange(server, query, timeoutMs, observe);
+      const rcode = (reply[3] as number) & 0x0f;
+      if (rcode !== 2 && rcode !== 5) return reply;
+      last = reply;
+    } catch (err) {
+      failure = err as Error;
+    }
+  }
+  if (last) return last;
+  throw failure;
+}

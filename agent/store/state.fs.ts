@@ -14,6 +14,10 @@ export interface SavedState {
   version: 1 | 2;
   savedAt: number;
   names: unknown;
+  /** What DNS-aware services' proxies learned: service -> name -> address -> [expires, answered]. */
+  learned?: unknown;
+  /** The loopback port of each DNS-aware service's proxy, so a restart keeps it. */
+  proxyPorts?: unknown;
   applied?: { digest: string; at: number };
 }
 

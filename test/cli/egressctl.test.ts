@@ -50,7 +50,7 @@ function snapshot(): string {
 test.before.each(async () => {
   dir = mkdtempSync(join(tmpdir(), "egressctl-cli-"));
   for (const args of [
-    ["register", "svc-web", "--user", "2001"],
+    ["register", "svc-web", "--user", "2001", "--dns", "system"],
     ["allow", "svc-web", "api.example.test:443", "10.0.0.0/8:5432"],
     ["allow-in", "svc-web", "8080", "--from", "192.0.2.0/24"],
     ["register", "svc-db", "--user", "2009"],
@@ -74,7 +74,9 @@ const BAD: [string[], string][] = [
   ],
   [["allow", "svc-web", "[2001:db8::1]:443", "2001:db8::2:443"], "brackets"],
   [["allow", "svc-web", "10.0.0.1/8:22"], "the network is 10.0.0.0/8"],
-  [["allow", "svc-web", "*.example.com:443"], "wildcards are not supported"],
+  [["allow", "svc-web", "*.example.com:443"], 'svc-web is not DNS-aware (its dns is "system")'],
+  [["allow", "svc-web", "*example.com:443"], 'a wildcard is "*." followed by a domain'],
+  [["register", "svc-two", "--user", "2002", "--dns", "maybe"], 'invalid DNS mode "maybe"'],
   [["allow", "svc-web", "api.example.test:443/sctp"], 'invalid protocol "sctp"'],
   [["allow", "svc-nope", "a.example.test:443"], 'service "svc-nope" is not registered'],
   [["allow", "Svc_Web", "a.example.test:443"], 'invalid service name "Svc_Web"'],
@@ -203,6 +205,23 @@ test("status and refresh need the daemon: without one they exit 3 and say so", a
     assert.is(r.exitCode, 3, r.stderr);
     assert.match(r.stderr, "egressd is not running");
   }
+});
+
+test("a DNS-aware service (the default) may allow a wildcard; leaving DNS-aware mode is refused while it has one", async () => {
+  let r = await run("allow", "svc-db", "*.cdn.example.test:443");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, "svc-db: allowed *.cdn.example.test:443");
+  r = await run("list", "svc-db");
+  assert.match(r.stdout, "dns proxy");
+  r = await run("register", "svc-db", "--user", "2009", "--dns", "system");
+  assert.is(r.exitCode, 2);
+  assert.match(r.stderr, "wildcards need DNS-aware mode");
+  assert.match(r.stderr, "egressctl revoke svc-db *.cdn.example.test:443");
+  r = await run("revoke", "svc-db", "*.cdn.example.test:443");
+  assert.is(r.exitCode, 0, r.stderr);
+  r = await run("register", "svc-db", "--user", "2009", "--dns", "system");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, "dns system");
 });
 
 test("allow, list and revoke round-trip; allowing twice is a no-op", async () => {

@@ -27,7 +27,7 @@ test("a batch that nft rejects is reported with command, exit code and message, 
     // A batch that passes egressd's schema but that the kernel refuses: its last rule names a set
     // that does not exist. Everything before it (the table delete and re-create) must not apply.
     const r = compile(policy().service("svc-web", SVC_UID).allow(`${OTHER}:443`).build());
-    const batch = replaceBatch(r);
+    const batch = replaceBatch(r, 0);
     batch.nftables.push({
       add: {
         rule: {
@@ -66,7 +66,7 @@ test("a batch that nft rejects is reported with command, exit code and message, 
   });
 });
 
-test("egressctl apply with 1,000 services keeps the base chains at five and two rules: map lookups, not a rule per service", async () => {
+test("egressctl apply with 1,000 services keeps the base chains at seven, two and two rules: map lookups, not a rule per service", async () => {
   await withSandbox(WORLD, async (sb) => {
     const store = new PolicyStore(sb.configDir);
     await store.locked(async () => {
@@ -87,16 +87,17 @@ test("egressctl apply with 1,000 services keeps the base chains at five and two 
     assert.is(r.exitCode, 0, r.stderr);
     const listing = await sb.nftJson("list", "table", "inet", "egressd");
     const baseRules = listing.nftables.filter((o) => o.rule?.chain === "output");
-    assert.is(baseRules.length, 5);
+    assert.is(baseRules.length, 7);
     assert.is(listing.nftables.filter((o) => o.rule?.chain === "input").length, 2);
+    assert.is(listing.nftables.filter((o) => o.rule?.chain === "dns_redirect").length, 2);
     const uidMap = listing.nftables.find((o) => o.map?.name === "uid_dispatch")?.map as {
       elem: unknown[];
     };
     assert.is(uidMap.elem.length, 1000);
     assert.is(
       listing.nftables.filter((o) => o.chain).length,
-      2 + 2 * 1000,
-      "output, input, and s_ and r_ per service",
+      3 + 2 * 1000,
+      "output, input, dns_redirect, and s_ and r_ per service",
     );
   });
 });
@@ -160,7 +161,7 @@ test("no false drift: after applying generated policies, the live table equals t
         );
       }
       const desired = compile(b.build());
-      await nft.apply(replaceBatch(desired));
+      await nft.apply(replaceBatch(desired, 0));
       const findings = diff(parseLive(await nft.listTable("egressd"), "egressd"), desired);
       assert.equal(findings, [], `round ${round}`);
     }

@@ -96,10 +96,10 @@ test("a foreign rule inserted into egressd's base chain is found and removed", a
 test("a flushed set is found element by element and refilled", async () => {
   await withSandbox(WORLD, async (sb) => {
     await applied(sb);
-    await sb.nft("flush", "set", "inet", "egressd", "s_svc_web_dns4");
+    await sb.nft("flush", "set", "inet", "egressd", "s_svc_web_tcp443_4");
     assert.is(await sb.try1(SVC_UID, "tcp", API4[0] as string, 443), "ECONNREFUSED");
     const out = await findAndRepair(sb);
-    assert.match(out, `missing   element in set s_svc_web_dns4: ${API4[0]}/31 . tcp . 443`);
+    assert.match(out, `missing   element in set s_svc_web_tcp443_4: ${API4[0]}`);
     assert.is(await sb.try1(SVC_UID, "tcp", API4[0] as string, 443), "connected");
   });
 });

@@ -199,12 +199,12 @@ test("DNS answers of every forbidden class never reach a set and are never conne
     );
     const d = await sb.startDaemon();
     await eventually(
-      async () => (await elements(sb, "s_svc_web_dns4")).includes(X),
+      async () => (await elements(sb, "s_svc_web_tcp8443_4")).includes(X),
       15_000,
       "the one global address is allowed",
     );
-    const v4 = await elements(sb, "s_svc_web_dns4");
-    const v6 = await elements(sb, "s_svc_web_dns6");
+    const v4 = await elements(sb, "s_svc_web_tcp8443_4");
+    const v6 = await elements(sb, "s_svc_web_tcp8444_6");
     for (const a of bad4) assert.not.match(v4, new RegExp(`[ {]${a.replace(/\./g, "\\.")} `), a);
     assert.not.match(v6, /elements/, `no IPv6 element at all: ${v6}`);
 
@@ -256,7 +256,7 @@ test("turning allowPrivateAddresses off removes a held private address in the sa
       sb.writeConfig({ ...CONFIG, refresh: { ...CONFIG.refresh, allowPrivateAddresses: false } });
       await sb.ok("apply");
       // No waiting: the narrowing is in the transaction that applied it.
-      assert.not.match(await elements(sb, "s_svc_web_dns4"), PRIV);
+      assert.not.match(await elements(sb, "s_svc_web_tcp5432_4"), PRIV);
       assert.is(await sb.try1(SVC_UID, "tcp", PRIV, 5432), "ECONNREFUSED");
     },
   );
@@ -299,7 +299,7 @@ test("a tampered state file starts enforcing without its network, loopback, unkn
       [METADATA, 80],
     ] as const)
       assert.is(await sb.try1(SVC_UID, "tcp", host, port), "ECONNREFUSED", host);
-    assert.not.match(await elements(sb, "s_svc_web_dns4"), "0.0.0.0/0");
+    assert.not.match(await elements(sb, "s_svc_web_tcp443_4"), "0.0.0.0/0");
     const warnings = d.lines.filter((l) => l.code === "ERR_EGRESS_STATE").map((l) => l.msg);
     for (const expected of [
       '"0.0.0.0/0" is a network, not an address',

@@ -92,11 +92,11 @@ test("audit mode lets refused traffic through and counts it; an unmanaged uid is
 
 test("a service can use the configured resolver, unless its policy says dns none", async () => {
   await withSandbox(WORLD, async (sb) => {
-    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID), "--dns", "system");
     await sb.ok("register", "svc-nodns", "--user", String(AUDIT_UID));
     const file = sb.servicesFile("svc-nodns");
     const { writeFileSync, readFileSync } = await import("node:fs");
-    writeFileSync(file, readFileSync(file, "utf8").replace('"dns": "system"', '"dns": "none"'));
+    writeFileSync(file, readFileSync(file, "utf8").replace('"dns": "proxy"', '"dns": "none"'));
     await sb.ok("apply");
     const [allowed] = await sb.probe(SVC_UID, [
       { proto: "dns", host: "127.0.0.1", port: 53, name: "api.example.test" },
@@ -199,7 +199,7 @@ test("apply --dry-run prints what would change and changes nothing", async () =>
     r = await sb.egressctl("apply", "--dry-run");
     assert.is(r.exitCode, 0, r.stderr);
     assert.match(r.stdout, `+ element in set s_svc_web_lit4: ${DB} . tcp . 5432`);
-    assert.match(r.stdout, `- element in set s_svc_web_dns4: ${API4[0]}/31 . tcp . 443`);
+    assert.match(r.stdout, `- element in set s_svc_web_tcp443_4: ${API4[0]}`);
     assert.is(await sb.nft("list", "table", "inet", "egressd"), before);
     const json = await sb.egressctl("--json", "apply", "--dry-run");
     const data = JSON.parse(json.stdout) as { changes: { kind: string }[] };

@@ -27,6 +27,8 @@ test("the output chain checks a service's answers, accepts established traffic, 
     "ct direction reply meta skuid vmap @uid_serve",
     "ct direction reply meta skgid vmap @gid_serve",
     "ct state established,related accept",
+    "ct status dnat meta skuid . th dport @uid_proxyport accept",
+    "ct status dnat meta skgid . th dport @gid_proxyport accept",
     "meta skuid vmap @uid_dispatch",
     "meta skgid vmap @gid_dispatch",
   ]);
@@ -112,6 +114,7 @@ test("a service chain allows resolvers, literals and resolved names, then counts
   const r = compile(
     policy()
       .service("svc-web", 2001)
+      .set({ dns: "system" })
       .allow("api.example.test:443", "10.0.0.0/8:5432", "[2001:db8::/32]:443", "192.0.2.7:53/udp")
       .resolve("api.example.test", "203.0.113.5", "2001:db8:5::1")
       .build(),
@@ -121,8 +124,8 @@ test("a service chain allows resolvers, literals and resolved names, then counts
     "ip6 daddr . meta l4proto . th dport @resolvers6 accept",
     "ip daddr . meta l4proto . th dport @s_svc_web_lit4 accept",
     "ip6 daddr . meta l4proto . th dport @s_svc_web_lit6 accept",
-    "ip daddr . meta l4proto . th dport @s_svc_web_dns4 accept",
-    "ip6 daddr . meta l4proto . th dport @s_svc_web_dns6 accept",
+    "tcp dport 443 ip daddr @s_svc_web_tcp443_4 accept",
+    "tcp dport 443 ip6 daddr @s_svc_web_tcp443_6 accept",
     'counter name "s_svc_web"',
     'limit rate 5/second burst 10 packets log prefix "egressd reject svc-web: "',
     "meta l4proto tcp reject with tcp reset",
@@ -130,8 +133,8 @@ test("a service chain allows resolvers, literals and resolved names, then counts
   ]);
   assert.equal(elems(r, "s_svc_web_lit4"), ["10.0.0.0/8 . tcp . 5432", "192.0.2.7 . udp . 53"]);
   assert.equal(elems(r, "s_svc_web_lit6"), ["2001:db8::/32 . tcp . 443"]);
-  assert.equal(elems(r, "s_svc_web_dns4"), ["203.0.113.5 . tcp . 443"]);
-  assert.equal(elems(r, "s_svc_web_dns6"), ["2001:db8:5::1 . tcp . 443"]);
+  assert.equal(elems(r, "s_svc_web_tcp443_4"), ["203.0.113.5"]);
+  assert.equal(elems(r, "s_svc_web_tcp443_6"), ["2001:db8:5::1"]);
   assert.equal(elems(r, "resolvers4"), ["127.0.0.53 . tcp . 53", "127.0.0.53 . udp . 53"]);
 });
 
@@ -181,18 +184,19 @@ test("a name allowed by two services feeds both services' sets", () => {
       .resolve("api.example.test", "203.0.113.5")
       .build(),
   );
-  assert.equal(elems(r, "s_svc_a_dns4"), ["203.0.113.5 . tcp . 443"]);
-  assert.equal(elems(r, "s_svc_b_dns4"), ["203.0.113.5 . tcp . 8443"]);
+  assert.equal(elems(r, "s_svc_a_tcp443_4"), ["203.0.113.5"]);
+  assert.equal(elems(r, "s_svc_b_tcp8443_4"), ["203.0.113.5"]);
 });
 
-test("the base chains hold five and two rules whether there is one service or a thousand", () => {
+test("the base chains hold seven, two and two rules whether there is one service or a thousand", () => {
   for (const n of [0, 1, 1000]) {
     const b = policy();
     for (let i = 0; i < n; i++)
       b.service(`svc-${i}`, 10_000 + i).allow(`198.51.100.${i % 250}:443`);
     const r = compile(b.build());
-    assert.is(chain(r, "output")?.rules.length, 5, `${n} services`);
+    assert.is(chain(r, "output")?.rules.length, 7, `${n} services`);
     assert.is(chain(r, "input")?.rules.length, 2, `${n} services`);
+    assert.is(chain(r, "dns_redirect")?.rules.length, 2, `${n} services`);
     assert.is(set(r, "uid_dispatch")?.elem.length, n);
   }
 });
@@ -218,7 +222,7 @@ test("the full-replace batch passes the schema and touches only egressd's table"
       .resolve("api.example.test", "192.0.2.1")
       .build(),
   );
-  const batch = replaceBatch(r);
+  const batch = replaceBatch(r, 0);
   validateBatch(batch);
   const first = batch.nftables.slice(0, 3).map((c) => Object.keys(c)[0]);
   assert.equal(first, ["add", "delete", "add"]);
@@ -251,7 +255,7 @@ test("output is deterministic whatever order services and answers come in", () =
       .resolve("x.example.test", "192.0.2.1", "192.0.2.2")
       .build(),
   );
-  assert.equal(replaceBatch(a), replaceBatch(b));
+  assert.equal(replaceBatch(a, 0), replaceBatch(b, 0));
 });
 
 test.run();

@@ -17,6 +17,7 @@ const good = () =>
         .resolve("api.example.test", "192.0.2.1")
         .build(),
     ),
+    0,
   );
 
 function rejects(

@@ -51,8 +51,29 @@ test("defaults fill in mode, dns and protocol; integer ports are accepted", () =
     FILE,
   );
   assert.is(p.mode, "enforce");
-  assert.is(p.dns, "system");
+  assert.is(p.dns, "proxy");
   assert.equal(p.outbound, [{ host: "a.example", ports: "443", protocol: "tcp" }]);
+});
+
+test("a wildcard is valid only for a DNS-aware service, and the problem names the mode and the fix", () => {
+  const ok = validateService(
+    { name: "svc-web", user: 2001, outbound: [{ host: "*.CDN.example.com", ports: "443" }] },
+    FILE,
+  );
+  assert.equal(ok.outbound[0]?.host, "*.cdn.example.com");
+  const problems = problemsOf(() =>
+    validateService(
+      {
+        name: "svc-web",
+        user: 2001,
+        dns: "system",
+        outbound: [{ host: "*.cdn.example.com", ports: "443" }],
+      },
+      FILE,
+    ),
+  );
+  assert.is(problems[0]?.where, `${FILE}: $.outbound[0].host`);
+  assert.match(problems[0]?.text ?? "", `this service's dns is "system": set "dns": "proxy"`);
 });
 
 test("every problem is reported at once, each with the file and a JSON path", () => {
@@ -73,7 +94,7 @@ test("every problem is reported at once, each with the file and a JSON path", ()
   );
   const text = problems.map((p) => `${p.where}: ${p.text}`).join("\n");
   assert.match(text, `${FILE}: $.mdoe: unknown key "mdoe"`);
-  assert.match(text, `${FILE}: $.dns: must be one of "system", "none"`);
+  assert.match(text, `${FILE}: $.dns: must be one of "proxy", "system", "none"`);
   assert.match(text, `${FILE}: $.outbound[0].protocl: unknown key "protocl"`);
   assert.match(text, `${FILE}: $.outbound[1].ports`);
   assert.ok(problems.length >= 4, text);

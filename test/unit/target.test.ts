@@ -54,13 +54,29 @@ const invalid: [string, string][] = [
   ["10.0.0.0/33:443", 'invalid prefix length "/33"'],
   ["[2001:db8::/129]:443", 'invalid prefix length "/129"'],
   ["[::ffff:10.0.0.1]:443", "IPv4-mapped"],
-  ["*.example.com:443", "wildcards are not supported"],
+  ["*example.com:443", 'a wildcard is "*." followed by a domain'],
+  ["api.*.example.com:443", 'a wildcard is "*." followed by a domain'],
+  ["*.*.example.com:443", 'a wildcard is "*." followed by a domain'],
+  ["*.com:443", "write the fully qualified name"],
   ["localhost:443", "fully qualified"],
   ["exa_mple..com:443", "invalid domain name"],
   ["-bad.example.com:443", "invalid domain name"],
   ["1.2.3:443", 'invalid address "1.2.3"'],
   ["api.example.com/24:443", "neither an IP network nor a domain name"],
 ];
+
+test("a wildcard names every name below a domain, stored in lowercase ASCII", () => {
+  assert.equal(parseTarget("*.CDN.Example.test:443"), {
+    host: "*.cdn.example.test",
+    ports: "443",
+    protocol: "tcp",
+  });
+  assert.equal(parseTarget("*.bücher.example:8443/udp"), {
+    host: "*.xn--bcher-kva.example",
+    ports: "8443",
+    protocol: "udp",
+  });
+});
 
 for (const [text, fragment] of invalid) {
   test(`"${text}" is rejected, naming the problem`, () => {
