@@ -16,7 +16,8 @@ import {
 } from "./target.ts";
 
 export type Mode = "enforce" | "audit";
-export type DnsMode = "system" | "none";
+/** "proxy": DNS-aware (issue 12, wired by the daemon); "system": the resolvers are reachable; "none": no DNS. */
+export type DnsMode = "proxy" | "system" | "none";
 
 export interface InboundRule {
   ports: string;
@@ -95,7 +96,7 @@ export const SERVICE_SCHEMA = {
     user: principalSchema,
     group: principalSchema,
     mode: { enum: ["enforce", "audit"] },
-    dns: { enum: ["system", "none"] },
+    dns: { enum: ["proxy", "system", "none"] },
     outbound: {
       type: "array",
       items: {
