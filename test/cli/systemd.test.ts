@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { execa } from "execa";
-import { EGRESSCTL } from "../helpers/sandbox.ts";
+import { EGRESSCTL, ROOT } from "../helpers/sandbox.ts";
 
 const test = suite("egressctl systemd: a drop-in from the policy, checked by systemd-analyze");
 
@@ -319,6 +319,93 @@ test("a systemd dir that cannot be written exits 3", async () => {
     r.stderr,
     `cannot write ${join(dir, "not-a-dir", "web.service.d", "50-egressd.conf")}`,
   );
+});
+
+/** The unit files of docs/recipes.md, by way ("## 3. ..."), as [file name, text]. */
+function recipeUnits(): Map<string, [string, string][]> {
+  const doc = readFileSync(join(ROOT, "docs", "recipes.md"), "utf8");
+  const ways = new Map<string, [string, string][]>();
+  for (const section of doc.split(/^## /m).slice(1)) {
+    const way = section.slice(0, section.indexOf("\n"));
+    const units: [string, string][] = [];
+    for (const m of section.matchAll(/```ini\n# \/etc\/systemd\/system\/(\S+)\n([\s\S]*?)```/g))
+      units.push([m[1] ?? "", m[2] ?? ""]);
+    ways.set(way, units);
+  }
+  return ways;
+}
+
+test("the unit files of docs/recipes.md, with their generated drop-ins, pass systemd-analyze verify", async () => {
+  await ok(["register", "svc-web-out", "--user", "2003"]);
+  await ok(["allow", "svc-web-out", "api.example.test:443", "10.0.0.5:5432"]);
+  await ok(["register", "svc-pod", "--user", "2004"]);
+  await ok(["allow", "svc-pod", "api.example.test:443", "10.0.0.5:5432"]);
+  await ok(["allow-in", "svc-pod", "8081", "--from", "192.0.2.0/24"]);
+  // The recipes' app is a placeholder; stand in an executable for it.
+  const app = join(dir, "web");
+  writeFileSync(app, "#!/bin/sh\n", { mode: 0o755 });
+  /** [way, drop-ins: [service, unit, flags]] */
+  const dropIns: Record<string, [string, string, string[]][]> = {
+    "1. egressd alone": [],
+    "2. egressd and a drop-in generated from the same policy": [
+      ["svc-web", "web.service", ["--harden"]],
+    ],
+    "3. Socket activation, PrivateNetwork=, and egressd for the outbound": [
+      ["svc-web-out", "web-api.service", ["--harden"]],
+      ["svc-web-out", "web-db.service", ["--harden"]],
+    ],
+    "4. A rootless podman container under a dedicated user": [
+      ["svc-pod", "web-pod.service", ["--rootless-containers"]],
+    ],
+  };
+  const ways = recipeUnits();
+  assert.equal([...ways.keys()].slice(0, 4), Object.keys(dropIns), "the recipes' headings");
+  // Way 2 adds a drop-in to way 1's unit.
+  ways.set(
+    "2. egressd and a drop-in generated from the same policy",
+    ways.get("1. egressd alone") ?? [],
+  );
+  for (const [way, generate] of Object.entries(dropIns)) {
+    let units = ways.get(way) ?? [];
+    // "web-db.socket and web-db.service are the same with /run/web-db.sock and 10.0.0.5:5432."
+    if (way.startsWith("3.")) {
+      const db = units
+        .filter(([name]) => name.startsWith("web-api."))
+        .map(([name, text]): [string, string] => [
+          name.replace("web-api", "web-db"),
+          text.replace(/web-api/g, "web-db").replace(/api\.example\.com:443/g, "10.0.0.5:5432"),
+        ]);
+      units = [...units, ...db];
+    }
+    assert.ok(units.length > 0, `way ${way} has unit files`);
+    const unitDir = mkdtempSync(join(tmpdir(), "egressd-recipe-"));
+    try {
+      for (const [name, text] of units)
+        writeFileSync(join(unitDir, name), text.replace("/usr/local/bin/web", app));
+      for (const [service, unit, flags] of generate) {
+        const r = await ok([
+          "systemd",
+          service,
+          "--unit",
+          unit,
+          ...flags,
+          "--write",
+          "--systemd-dir",
+          unitDir,
+        ]);
+        assert.match(r.stdout, `wrote ${join(unitDir, `${unit}.d`, "50-egressd.conf")}`);
+      }
+      const r = await execa(
+        "systemd-analyze",
+        ["verify", ...units.map(([name]) => join(unitDir, name))],
+        { reject: false, stdin: "ignore" },
+      );
+      assert.is(`${r.stdout}${r.stderr}`.trim(), "", `way ${way}`);
+      assert.is(r.exitCode, 0);
+    } finally {
+      rmSync(unitDir, { recursive: true, force: true });
+    }
+  }
 });
 
 test.run();

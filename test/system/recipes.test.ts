@@ -18,7 +18,7 @@ const APP_UID = 2180;
 const OUT_UID = 2181;
 const ALLOWED = "198.51.100.10";
 const REFUSED = "198.51.100.20";
-const PROXYD = "/lib/systemd/systemd-socket-proxyd";
+const PROXYD = "/usr/lib/systemd/systemd-socket-proxyd";
 
 /** The app: serves on the socket it was given (fd 3), calls its upstream over a unix socket. */
 const APP = `
