@@ -28,7 +28,7 @@ export function systemdDir(flag: string | undefined, env: NodeJS.ProcessEnv = pr
 async function versionText(): Promise<string> {
   // systemctl is on every systemd host; systemd-analyze is the fallback some containers keep.
   for (const cmd of ["systemctl", "systemd-analyze"]) {
-    const r = await execa(cmd, ["--version"], { reject: false, stdin: "ignore" });
+    const r = await execa(cmd, ["--version"], { reject: false, stdin: "ignore", timeout: 10_000 });
     if (r.exitCode === 0 && r.stdout) return r.stdout;
   }
   return "";

@@ -73,7 +73,7 @@ test("every problem is reported at once, each with the file and a JSON path", ()
   );
   const text = problems.map((p) => `${p.where}: ${p.text}`).join("\n");
   assert.match(text, `${FILE}: $.mdoe: unknown key "mdoe"`);
-  assert.match(text, `${FILE}: $.dns: must be one of "system", "none"`);
+  assert.match(text, `${FILE}: $.dns: must be one of "proxy", "system", "none"`);
   assert.match(text, `${FILE}: $.outbound[0].protocl: unknown key "protocl"`);
   assert.match(text, `${FILE}: $.outbound[1].ports`);
   assert.ok(problems.length >= 4, text);
