@@ -237,7 +237,7 @@ export function dropIn(input: DropInInput): DropIn {
   );
   out.push("#");
   comment(
-    "Two layers enforce one policy. systemd's cgroup BPF filters below check the addresses and bound ports of every socket in this unit; egressd's nftables rules check each packet's owner, destination, port and protocol, keep allowed names resolved and see DNS.",
+    "Two layers enforce one policy: systemd's settings below hold every process of this unit (cgroup BPF address and bind filters where the policy can be expressed that way); egressd's nftables rules hold every socket of the service's user, by destination, port and protocol, keep allowed names resolved and see DNS.",
   );
 
   // [Unit]: only for proxy mode, so resolved's socket exists (and is hidden) when the unit starts.
