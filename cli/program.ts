@@ -11,6 +11,7 @@ import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/pa
 
 import * as cmd from "./commands.ts";
 import * as inbound from "./inbound.ts";
+import { systemd } from "./systemd.ts";
 
 import type { Ctx, Result } from "./commands.ts";
 
@@ -189,6 +190,37 @@ export function program(
     .argument("[service]")
     .action(function (this: Command, service?: string) {
       go(this, (ctx) => cmd.refresh(ctx, service));
+    });
+
+  prog
+    .command("systemd")
+    .description(
+      "print (or --write) a systemd drop-in for the service's unit, derived from its policy: User=, address families, cgroup address and bind filters",
+    )
+    .argument("<service>")
+    .requiredOption("--unit <name.service>", "the service's systemd unit, e.g. web.service")
+    .option("--harden", "add sandboxing a network daemon does not need to give up")
+    .option(
+      "--rootless-containers",
+      "the unit runs rootless podman (slirp4netns or pasta) as the service user: adds AF_NETLINK, leaves out the cgroup filters",
+    )
+    .option(
+      "--write",
+      "write <systemd dir>/<unit>.d/50-egressd.conf atomically instead of printing it",
+    )
+    .option(
+      "--systemd-dir <dir>",
+      "where --write puts it (env EGRESSD_SYSTEMD_DIR, default /etc/systemd/system)",
+    )
+    .action(function (this: Command, service: string) {
+      const o = this.opts<{
+        unit: string;
+        harden?: boolean;
+        rootlessContainers?: boolean;
+        write?: boolean;
+        systemdDir?: string;
+      }>();
+      go(this, (ctx) => systemd(ctx, service, o));
     });
 
   return prog;

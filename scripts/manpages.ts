@@ -76,6 +76,33 @@ const COMMON_TAIL = (prog: string) => [
   "The documentation in /usr/share/doc/egressd describes the policy format, the ruleset, inbound allowances, the audit and the daemon.",
 ];
 
+/** Which layer enforces what, for egressctl systemd's drop-ins (docs/systemd.md has the detail). */
+const LAYERS = [
+  ".SH ENFORCEMENT LAYERS",
+  roff(
+    "egressctl systemd writes a drop-in that makes systemd enforce part of a service's policy in its unit, next to egressd's nftables rules, which enforce all of it.",
+  ),
+  ".TP",
+  ".B systemd: cgroup BPF (IPAddressAllow=, IPAddressDeny=, SocketBindAllow=, SocketBindDeny=)",
+  roff(
+    "Judges every socket in the unit's cgroup, whatever uid opened it. Addresses and networks only, one list for both directions (destination going out, source coming in), no ports and no names: with domain names in the policy only what DNS never yields (loopback, link-local, multicast, cloud metadata) is refused here, and a port open to anywhere or audit mode turns the address filter off. The filter sees a DNS query after egressd's redirect (127.0.0.1, ::1) and the reply from the address asked. bind() is limited to the declared inbound ports where systemd is built with its BPF framework.",
+  ),
+  ".TP",
+  ".B systemd: seccomp and mount namespace (User=, RestrictAddressFamilies=, InaccessiblePaths=, \\-\\-harden)",
+  roff(
+    'Runs the unit as the service\'s user, removes socket families the policy does not need, and for "dns": "proxy" services hides systemd-resolved\'s varlink socket and nscd\'s socket, so glibc sends DNS to port 53 where egressd sees it instead of handing lookups to a daemon that sends them as its own user.',
+  ),
+  ".TP",
+  ".B egressd: nftables (meta skuid, meta skgid)",
+  roff(
+    "Judges every socket owned by the service's uid or gid, wherever the process runs (outside the unit too: cron jobs, su, the slirp4netns or pasta of rootless containers). Address, protocol and port per allowance; domain names kept resolved; DNS redirected to its per-service proxy; refusals counted and logged; audit mode; drift audited and repaired.",
+  ),
+  ".PP",
+  roff(
+    "Why both: nftables rules belong to the whole host and know a process only by its uid; another tool can flush them until egressd's audit restores them. The unit's filters hold every process of the unit whatever uid it switches to, and add what nftables cannot express. egressd covers the user outside the unit, understands names and ports, and explains what it refuses.",
+  ),
+];
+
 function ctlPage(): string {
   const lines = [
     `.TH EGRESSCTL 8 "${date}" "egressd ${pkg.version}" "System Administration"`,
@@ -96,6 +123,7 @@ function ctlPage(): string {
     const opts = visible(c).filter((o) => o.long !== "--help");
     if (opts.length) lines.push(".RS", ...optionItems(opts), ".RE");
   }
+  lines.push(...LAYERS);
   lines.push(
     ".SH EXAMPLES",
     ".nf",
@@ -104,6 +132,7 @@ function ctlPage(): string {
     "egressctl allow\\-in svc\\-web 8080 \\-\\-from 192.0.2.0/24",
     "egressctl status svc\\-web",
     "egressctl audit \\-\\-repair",
+    "egressctl systemd svc\\-web \\-\\-unit web.service \\-\\-harden \\-\\-write",
     ".fi",
     ...COMMON_TAIL("egressctl"),
   );
@@ -153,6 +182,10 @@ _egressctl() {
   done
   if [[ -z "$cmd" ]]; then
     COMPREPLY=($(compgen -W "${cmds.join(" ")} ${global.join(" ")}" -- "$cur"))
+    return
+  fi
+  if [[ "\${COMP_WORDS[COMP_CWORD-1]}" == --unit ]]; then
+    COMPREPLY=($(compgen -W "$(systemctl list-unit-files --type=service --no-legend 2>/dev/null | awk '{print $1}')" -- "$cur"))
     return
   fi
   opts=""; svc=0

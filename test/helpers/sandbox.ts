@@ -77,7 +77,7 @@ export type Records = Record<
 >;
 
 export interface Attempt {
-  proto: "tcp" | "udp" | "dns" | "tcp-rate";
+  proto: "tcp" | "udp" | "dns" | "tcp-rate" | "lookup";
   host: string;
   port: number;
   name?: string;
