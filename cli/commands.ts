@@ -14,7 +14,7 @@ import type { ApplySummary } from "../agent/daemon.ts";
 import type { Finding } from "../rules/diff.ts";
 import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";
 import { SERVICE_NAME, type Mode, type ServicePolicy } from "../rules/policy.ts";
-import { formatTarget, parseTarget, type OutboundRule } from "../rules/target.ts";
+import { formatTarget, parseTarget, TARGET_HINT, type OutboundRule } from "../rules/target.ts";
 
 export interface Result {
   exitCode: ExitCode;
@@ -77,19 +77,24 @@ export async function requireService(ctx: Ctx, name: string): Promise<ServicePol
 
 function parseTargets(args: readonly string[]): OutboundRule[] {
   const problems: Problem[] = [];
+  const hints: string[] = [];
   const out: OutboundRule[] = [];
   for (const a of args) {
     const t = parseTarget(a);
-    if ("error" in t) problems.push({ where: `target "${a}"`, text: t.error });
-    else out.push(t);
+    if ("error" in t) {
+      problems.push({ where: `target "${a}"`, text: t.error });
+      const hint = t.hint ?? TARGET_HINT;
+      if (!hints.includes(hint)) hints.push(hint);
+    } else out.push(t);
   }
   if (problems.length) {
     const only = problems.length === 1 ? problems[0]?.text : undefined;
+    // Each failure's hint comes from what failed; several different ones are all given.
     throw invalid(
       "ERR_EGRESS_TARGET",
       only ?? `${problems.length} invalid targets`,
       only ? [] : problems,
-      "targets are HOST:PORT[/tcp|/udp] or HOST:LOW-HIGH[/tcp|/udp]; HOST is a name, an IPv4 address or CIDR, or [IPv6] / [IPv6/len]",
+      hints.join("; "),
     );
   }
   return out;

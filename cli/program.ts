@@ -123,9 +123,15 @@ export function program(
       (v: string, acc: string[]) => [...acc, v],
       [] as string[],
     )
+    .option(
+      "--anywhere",
+      "accept from every source; needed to widen a port that has --from sources",
+    )
     .action(function (this: Command, service: string, port: string) {
-      const o = this.opts<{ from: string[] }>();
-      go(this, (ctx) => inbound.allowIn(ctx, service, port, o.from));
+      const o = this.opts<{ from: string[]; anywhere?: boolean }>();
+      go(this, (ctx) =>
+        inbound.allowIn(ctx, service, port, o.from, { anywhere: Boolean(o.anywhere) }),
+      );
     });
 
   prog
@@ -184,14 +190,61 @@ export function program(
   return prog;
 }
 
-/** Runs egressctl with `argv` (without node and script) and returns the exit code. */
-export async function main(argv: readonly string[], io: Io): Promise<ExitCode> {
+/** Whether argv asks for JSON output (a global flag: before or after the command, not after "--"). */
+function wantsJson(argv: readonly string[]): boolean {
+  const end = argv.indexOf("--");
+  return (end === -1 ? argv : argv.slice(0, end)).includes("--json");
+}
+
+/** A commander usage error (unknown command or option, missing argument) as an EgressError. */
+const noCommand = () =>
+  new EgressError("ERR_EGRESS_USAGE", "no command given", {
+    hint: "run egressctl --help for the commands",
+  });
+
+function usageError(err: CommanderError, prog: Command, argv: readonly string[]): EgressError {
+  if (err.code === "commander.help") return noCommand();
+  const sub = prog.commands.find((c) => argv.includes(c.name()));
+  const help = sub ? `egressctl ${sub.name()} --help` : "egressctl --help";
+  return new EgressError(
+    "ERR_EGRESS_USAGE",
+    err.message.replace(/^error: /, "").replace(/\n[\s\S]*$/, ""),
+    {
+      exitCode: 2,
+      hint: `run ${help} for usage`,
+      details: { commanderCode: err.code },
+    },
+  );
+}
+
+/**
+ * Runs egressctl with `argv` (without node and script) and returns the exit code.
+ * With --json every outcome, usage errors, --help and --version included, is one JSON
+ * object on stdout. `makeContext` builds the handlers' adapters (tests pass fakes).
+ */
+export async function main(
+  argv: readonly string[],
+  io: Io,
+  makeContext: (g: GlobalOptions) => Ctx = context,
+): Promise<ExitCode> {
+  const json = wantsJson(argv);
+  const printJson = (v: unknown) => io.stdout(JSON.stringify(v, null, 2) + "\n");
+  // In JSON mode commander's own stdout (help, version) is collected and wrapped.
+  let commanderOut = "";
+  const progIo: Io = json
+    ? {
+        stdout: (t) => {
+          commanderOut += t;
+        },
+        stderr: io.stderr,
+      }
+    : io;
   let pending: Promise<ExitCode> | null = null;
-  const prog = program(io, (g, job) => {
+  const prog = program(progIo, (g, job) => {
     pending = (async () => {
       try {
-        const r = await job(context(g));
-        if (g.json) io.stdout(JSON.stringify(r.data, null, 2) + "\n");
+        const r = await job(makeContext(g));
+        if (g.json) printJson(r.data);
         else {
           if (!g.quiet) io.stdout(r.text);
           for (const w of r.warnings ?? []) if (!g.quiet) io.stderr(w + "\n");
@@ -206,7 +259,7 @@ export async function main(argv: readonly string[], io: Io): Promise<ExitCode> {
                 hint: "this is a bug in egressd; please report it with the command you ran",
                 details: { stack: (err as Error).stack },
               });
-        if (g.json) io.stdout(JSON.stringify({ error: e.toJSON() }, null, 2) + "\n");
+        if (g.json) printJson({ error: e.toJSON() });
         io.stderr(renderError(e));
         return e.exitCode;
       }
@@ -215,17 +268,24 @@ export async function main(argv: readonly string[], io: Io): Promise<ExitCode> {
   try {
     await prog.parseAsync([...argv], { from: "user" });
   } catch (err) {
-    if (err instanceof CommanderError) {
-      return err.code === "commander.helpDisplayed" ||
-        err.code === "commander.version" ||
-        err.code === "commander.help"
-        ? 0
-        : 2;
+    if (!(err instanceof CommanderError)) throw err;
+    // Help asked for exits 0; help shown because no command was given is a usage error.
+    if (
+      err.code === "commander.helpDisplayed" ||
+      err.code === "commander.version" ||
+      (err.code === "commander.help" && err.exitCode === 0)
+    ) {
+      if (json)
+        printJson(err.code === "commander.version" ? { version: VERSION } : { help: commanderOut });
+      return 0;
     }
-    throw err;
+    if (json) printJson({ error: usageError(err, prog, argv).toJSON() });
+    return 2;
   }
   if (!pending) {
+    // Not reached through commander (which shows help for a missing command): a guard.
     io.stderr(prog.helpInformation());
+    if (json) printJson({ error: noCommand().toJSON() });
     return 2;
   }
   return pending;
