@@ -13,7 +13,9 @@ import type { Call } from "../agent/control/control.sock.ts";
 import type { ApplySummary } from "../agent/daemon.ts";
 import type { Finding } from "../rules/diff.ts";
 import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";
-import { SERVICE_NAME, type Mode, type ServicePolicy } from "../rules/policy.ts";
+import { ROOT_REASON, SERVICE_NAME, type Mode, type ServicePolicy } from "../rules/policy.ts";
+import { listenerText, undeclaredListeners, type Listener } from "../rules/listeners.ts";
+import type { Sockets } from "../agent/sockets.sys.ts";
 import { formatTarget, parseTarget, TARGET_HINT, type OutboundRule } from "../rules/target.ts";
 
 export interface Result {
@@ -27,9 +29,10 @@ export interface Result {
 }
 
 export interface Ctx extends Deps {
-  /** Asks a running egressd to apply; null when none is running. */
   /** The running egressd's control socket, or null when none runs. */
   daemon: () => Promise<Call | null>;
+  /** The kernel's socket table: which ports a uid listens on. */
+  sockets: Sockets;
 }
 
 const SERVICE_NAME_HINT =
@@ -128,10 +131,59 @@ export async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: st
   };
 }
 
+/** Refuses root as a service's user or group (by id, so a name that resolves to 0 is caught too). */
+function refuseRoot(service: string, kind: "user" | "group", spec: string | number): never {
+  const id = kind === "user" ? "uid 0" : "gid 0";
+  throw new EgressError(
+    "ERR_EGRESS_ROOT",
+    `refusing to register ${service} as ${kind} ${String(spec)} (${id}): ${ROOT_REASON}`,
+    {
+      hint: `run the service as its own unprivileged user: egressctl register ${service} --user ${service} --create-user`,
+    },
+  );
+}
+
+/** The policy file of a service being registered: its allowances kept, the rest from the flags. */
+function registered(
+  service: string,
+  existing: ServicePolicy | null,
+  user: string | number,
+  group: string | number | undefined,
+  mode: Mode,
+): ServicePolicy {
+  return {
+    name: service,
+    user,
+    ...(group !== undefined ? { group } : {}),
+    mode,
+    dns: existing?.dns ?? "system",
+    outbound: existing?.outbound ?? [],
+    inbound: existing?.inbound ?? [],
+  };
+}
+
+/** The error (or, with --force or in audit mode, the warning) for listeners the policy would cut off. */
+function listenersProblem(
+  service: string,
+  user: string | number,
+  uid: number,
+  cut: readonly Listener[],
+  existing: boolean,
+): { message: string; hint: string } {
+  const ports = cut.map(listenerText).join(", ");
+  const declare = cut.map((l) => `egressctl allow-in ${service} ${l.port}/${l.protocol}`);
+  return {
+    message: `uid ${uid} listens on ports ${service} does not declare: ${ports}; once ${service} is enforced they stop accepting new connections`,
+    hint: existing
+      ? `declare them first (${declare.join("; ")}), or add --force to register anyway`
+      : `register in audit mode first (egressctl register ${service} --user ${String(user)} --mode audit), declare them (${declare.join("; ")}), then register again without --mode audit; or add --force to register anyway`,
+  };
+}
+
 export async function register(
   ctx: Ctx,
   service: string,
-  opts: { user: string; group?: string; createUser?: boolean; mode?: string },
+  opts: { user: string; group?: string; createUser?: boolean; mode?: string; force?: boolean },
 ): Promise<Result> {
   checkServiceName(service);
   const mode = (opts.mode ?? "enforce") as Mode;
@@ -149,41 +201,53 @@ export async function register(
       [{ where: "--user", text: "give the name of the account to create" }],
     );
   }
+  if (user === 0) refuseRoot(service, "user", user);
+  if (group === 0) refuseRoot(service, "group", group);
   return ctx.store.locked(async () => {
-    let uid = (await ctx.users.users([user])).get(user);
-    let created = false;
-    if (!uid) {
-      if (!opts.createUser) {
-        throw new EgressError(
-          "ERR_EGRESS_UNKNOWN_USER",
-          `user "${user}" does not exist on this host`,
-          {
-            hint: `add --create-user to create a locked system account, or create it with useradd --system ${user}`,
-          },
-        );
-      }
-      uid = await ctx.users.createUser(String(user));
-      created = true;
-    }
-    if (group !== undefined && !(await ctx.users.groups([group])).get(group)) {
+    // Every refusal comes before --create-user creates anything.
+    const found = (await ctx.users.users([user])).get(user);
+    if (!found && !opts.createUser) {
       throw new EgressError(
-        "ERR_EGRESS_UNKNOWN_GROUP",
-        `group "${group}" does not exist on this host`,
+        "ERR_EGRESS_UNKNOWN_USER",
+        `user "${user}" does not exist on this host`,
         {
-          hint: `create it (groupadd --system ${group}) or pass a numeric gid`,
+          hint: `add --create-user to create a locked system account, or create it with useradd --system ${user}`,
         },
       );
     }
+    if (found?.id === 0) refuseRoot(service, "user", user);
+    if (group !== undefined) {
+      const g = (await ctx.users.groups([group])).get(group);
+      if (!g) {
+        throw new EgressError(
+          "ERR_EGRESS_UNKNOWN_GROUP",
+          `group "${group}" does not exist on this host`,
+          {
+            hint: `create it (groupadd --system ${group}) or pass a numeric gid`,
+          },
+        );
+      }
+      if (g.id === 0) refuseRoot(service, "group", group);
+    }
     const existing = await ctx.store.loadService(service);
-    const policy: ServicePolicy = {
-      name: service,
-      user,
-      ...(group !== undefined ? { group } : {}),
-      mode,
-      dns: existing?.dns ?? "system",
-      outbound: existing?.outbound ?? [],
-      inbound: existing?.inbound ?? [],
-    };
+    const policy = registered(service, existing, user, group, mode);
+    // A uid that already serves ports the policy does not declare would stop serving them.
+    const cut = found
+      ? undeclaredListeners(await ctx.sockets.listeners(found.id), policy.inbound)
+      : [];
+    const warnings: string[] = [];
+    if (cut.length && found) {
+      const p = listenersProblem(service, user, found.id, cut, existing !== null);
+      if (mode === "enforce" && !opts.force)
+        throw new EgressError("ERR_EGRESS_LISTENERS", p.message, { hint: p.hint });
+      warnings.push(
+        mode === "audit"
+          ? `warning: ${p.message}; declare them with allow-in before switching to enforce mode`
+          : `warning: ${p.message} (registered anyway: --force)`,
+      );
+    }
+    const uid = found ?? (await ctx.users.createUser(String(user)));
+    const created = !found;
     const others = (await ctx.store.loadServices()).filter((p) => p.name !== service);
     checkDistinctOwners(
       await resolvePrincipals([...others, policy], ctx.users, (n) => ctx.store.serviceFile(n)),
@@ -201,7 +265,9 @@ export async function register(
         createdUser: created,
         policy,
         applied: effect.applied,
+        undeclaredListeners: cut,
       },
+      warnings,
     };
   });
 }

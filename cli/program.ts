@@ -4,6 +4,7 @@ import { connectDaemon } from "../agent/control/control.sock.ts";
 import { execNft } from "../agent/nft/nft.exec.ts";
 import { StateStore } from "../agent/store/state.fs.ts";
 import { systemUsers } from "../agent/users.sys.ts";
+import { systemSockets } from "../agent/sockets.sys.ts";
 
 import { EgressError, type ExitCode } from "../rules/errors.ts";
 import { PolicyStore } from "../agent/store/policy-store.fs.ts";
@@ -34,6 +35,7 @@ function context(g: GlobalOptions): Ctx {
     state: new StateStore(p.stateDir),
     nft: execNft(),
     users: systemUsers(),
+    sockets: systemSockets(),
     daemon: () => connectDaemon(p.socket),
   };
 }
@@ -81,8 +83,18 @@ export function program(
         "enforce: refuse what is not allowed; audit: log and count only",
       ).default("enforce"),
     )
+    .option(
+      "--force",
+      "register even though the user listens on ports the policy does not declare (they stop accepting new connections)",
+    )
     .action(function (this: Command, service: string) {
-      const o = this.opts<{ user: string; group?: string; createUser?: boolean; mode: string }>();
+      const o = this.opts<{
+        user: string;
+        group?: string;
+        createUser?: boolean;
+        mode: string;
+        force?: boolean;
+      }>();
       go(this, (ctx) => cmd.register(ctx, service, o));
     });
 

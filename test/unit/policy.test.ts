@@ -102,6 +102,17 @@ test("semantic problems name the path too: bad host, bad CIDR, bad port, wrong f
   assert.match(text, "$.inbound[0].from[0]");
 });
 
+test("a policy file that names root as user or group is rejected, as register refuses it", () => {
+  const problems = problemsOf(() =>
+    validateService({ name: "svc-web", user: "root", group: 0 }, FILE),
+  );
+  assert.equal(
+    problems.map((p) => p.where),
+    [`${FILE}: $.user`, `${FILE}: $.group`],
+  );
+  assert.match(problems[0]?.text ?? "", '"root" is root: root can remove any firewall');
+});
+
 test("the daemon config takes SPEC §3's example and fills defaults for what is missing", () => {
   const c = validateConfig(
     {
