@@ -164,7 +164,10 @@ export const CONFIG_SCHEMA = {
   },
 } as const;
 
-const ajv = lazy(() => new Ajv({ allErrors: true, strict: true, code: { optimize: false } }));
+// verbose: errors carry their schema, whose description and allowed keys the messages quote.
+const ajv = lazy(
+  () => new Ajv({ allErrors: true, strict: true, verbose: true, code: { optimize: false } }),
+);
 const serviceValidator = lazy(() => ajv().compile(SERVICE_SCHEMA));
 const configValidator = lazy(() => ajv().compile(CONFIG_SCHEMA));
 

@@ -102,6 +102,22 @@ test("semantic problems name the path too: bad host, bad CIDR, bad port, wrong f
   assert.match(text, "$.inbound[0].from[0]");
 });
 
+test("a misspelt key names the key it most likely meant and every allowed one", () => {
+  const problems = problemsOf(() =>
+    validateConfig(
+      { refresh: { maxTTLSeconds: 60 }, tabel: "egressd" },
+      "/etc/egressd/egressd.json",
+    ),
+  );
+  assert.equal(
+    problems.map((p) => p.text),
+    [
+      'unknown key "tabel" (did you mean "table"? allowed: table, resolvers, refresh, audit, log)',
+      'unknown key "maxTTLSeconds" (did you mean "maxTtlSeconds"? allowed: minTtlSeconds, maxTtlSeconds, graceSeconds, maxAddressesPerName, allowPrivateAddresses)',
+    ],
+  );
+});
+
 test("a policy file that names root as user or group is rejected, as register refuses it", () => {
   const problems = problemsOf(() =>
     validateService({ name: "svc-web", user: "root", group: 0 }, FILE),
