@@ -103,18 +103,24 @@ test("semantic problems name the path too: bad host, bad CIDR, bad port, wrong f
 });
 
 test("a misspelt key names the key it most likely meant and every allowed one", () => {
-  const problems = problemsOf(() =>
-    validateConfig(
-      { refresh: { maxTTLSeconds: 60 }, tabel: "egressd" },
-      "/etc/egressd/egressd.json",
+  const config = problemsOf(() =>
+    validateConfig({ refresh: { maxTTLSeconds: 60 } }, "/etc/egressd/egressd.json"),
+  );
+  assert.equal(
+    config.map((p) => p.text),
+    [
+      'unknown key "maxTTLSeconds" (did you mean "maxTtlSeconds"? allowed: minTtlSeconds, maxTtlSeconds, graceSeconds, maxAddressesPerName, allowPrivateAddresses)',
+    ],
+  );
+  const service = problemsOf(() =>
+    validateService(
+      { name: "svc-web", user: 2001, outbound: [{ host: "a.example", ports: "443", prot: "tcp" }] },
+      FILE,
     ),
   );
   assert.equal(
-    problems.map((p) => p.text),
-    [
-      'unknown key "tabel" (did you mean "table"? allowed: table, resolvers, refresh, audit, log)',
-      'unknown key "maxTTLSeconds" (did you mean "maxTtlSeconds"? allowed: minTtlSeconds, maxTtlSeconds, graceSeconds, maxAddressesPerName, allowPrivateAddresses)',
-    ],
+    service.map((p) => p.text),
+    ['unknown key "prot" (did you mean "protocol"? allowed: host, ports, protocol)'],
   );
 });
 
