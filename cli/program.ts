@@ -12,6 +12,7 @@ import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/pa
 
 import * as cmd from "./commands.ts";
 import * as inbound from "./inbound.ts";
+import { check } from "./check.ts";
 
 import type { Ctx, Result } from "./commands.ts";
 
@@ -197,6 +198,23 @@ export function program(
     .argument("[service]")
     .action(function (this: Command, service?: string) {
       go(this, (ctx) => cmd.refresh(ctx, service));
+    });
+
+  prog
+    .command("check")
+    .description(
+      "validate policy and daemon config files offline, every problem at once; changes nothing",
+    )
+    .argument("[path...]", "a config dir, a services.d dir or files (default: the config dir)")
+    .addOption(
+      new Option(
+        "--kind <kind>",
+        "what FILE arguments are, whatever their names (e.g. an Ansible validate temp file)",
+      ).choices(["service", "config"]),
+    )
+    .action(function (this: Command, paths: string[]) {
+      const o = this.opts<{ kind?: "service" | "config" }>();
+      go(this, (ctx) => check(ctx, paths, o.kind ? { kind: o.kind } : {}));
     });
 
   return prog;

@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import {
   chmodSync,
+  mkdirSync,
   mkdtempSync,
   readdirSync,
   readFileSync,
@@ -294,6 +295,105 @@ test("--json --version and --json --help answer with JSON too", async () => {
   assert.match(h.help, "Usage: egressctl allow");
 });
 
+test("check reports every problem of a directory with three broken files at once, and changes nothing", async () => {
+  const d = join(dir, "services.d");
+  writeFileSync(
+    join(d, "svc-a.json"),
+    JSON.stringify({
+      name: "svc-a",
+      user: 2101,
+      outbound: [{ host: "a.example.test", port: 443 }],
+    }),
+  );
+  writeFileSync(
+    join(d, "svc-b.json"),
+    JSON.stringify({ name: "svc-b", user: 2102, inbound: [{ ports: "70000" }] }),
+  );
+  writeFileSync(join(d, "svc-c.json"), '{\n  "name": "svc-c",\n  "user": 2103,\n}\n');
+  const before = snapshot();
+  const r = await run("check");
+  assert.is(r.exitCode, 2, r.stderr);
+  assert.is(r.stdout, "");
+  assert.equal(r.stderr.split("\n"), [
+    "egressctl: 3 of 5 file(s) invalid; nothing was changed",
+    `  ${d}/svc-a.json: $.outbound[0].ports: missing required key "ports"`,
+    `  ${d}/svc-a.json: $.outbound[0].port: unknown key "port" (did you mean "ports"? allowed: host, ports, protocol)`,
+    `  ${d}/svc-b.json: $.inbound[0].ports: invalid port "70000": ports are 1-65535`,
+    `  ${d}/svc-c.json: not valid JSON at line 4, column 1: expected a key in double quotes (or a "}" with no comma before it) (found "}")`,
+    "hint: fix each problem at the file and JSON path shown, then run egressctl check again",
+  ]);
+  assert.is(snapshot(), before);
+});
+
+test("check --json gives each problem as file, JSON path and text", async () => {
+  writeFileSync(join(dir, "egressd.json"), JSON.stringify({ audit: { schedule: "every day" } }));
+  const r = await run("--json", "check", dir);
+  assert.is(r.exitCode, 2);
+  const out = JSON.parse(r.stdout) as {
+    error: {
+      code: string;
+      details: { problems: unknown[]; files: { file: string; valid: boolean }[] };
+    };
+  };
+  assert.is(out.error.code, "ERR_EGRESS_CHECK");
+  assert.equal(out.error.details.problems, [
+    {
+      file: join(dir, "egressd.json"),
+      path: "$.audit.schedule",
+      text: '"every day" is not a cron expression, e.g. "*/5 * * * *"',
+    },
+  ]);
+  assert.equal(
+    out.error.details.files.map((f) => [f.file.slice(dir.length), f.valid]),
+    [
+      ["/egressd.json", false],
+      ["/services.d/svc-db.json", true],
+      ["/services.d/svc-web.json", true],
+    ],
+  );
+});
+
+test("check passes valid files with exit 0, and checks across files: two services may not share a uid", async () => {
+  let r = await run("check");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.is(
+    r.stdout,
+    `ok  ${dir}/services.d/svc-db.json (service svc-db)\nok  ${dir}/services.d/svc-web.json (service svc-web)\n2 file(s) valid; nothing was changed`,
+  );
+  const extra = join(dir, "extra");
+  mkdirSync(extra);
+  writeFileSync(join(extra, "svc-x.json"), JSON.stringify({ name: "svc-x", user: 2001 }));
+  r = await run("check", join(dir, "services.d", "svc-web.json"), join(extra, "svc-x.json"));
+  assert.is(r.exitCode, 2);
+  assert.match(
+    r.stderr,
+    `${extra}/svc-x.json: $.user: uid 2001 is already the user of service svc-web: each service needs its own user`,
+  );
+});
+
+test("check --kind config validates a temporary file (an Ansible validate run) as egressd.json", async () => {
+  const tmp = join(dir, "ansible.tmp1234");
+  writeFileSync(tmp, JSON.stringify({ refresh: { graceSeconds: 60 } }));
+  assert.is((await run("check", "--kind", "config", tmp)).exitCode, 0);
+  // Read as a service policy, the same file lacks name and user.
+  const r = await run("check", tmp);
+  assert.is(r.exitCode, 2);
+  assert.match(r.stderr, `${tmp}: $.name: missing required key "name"`);
+});
+
+test("check warns about a user that does not exist, but passes", async () => {
+  writeFileSync(
+    join(dir, "services.d", "svc-new.json"),
+    JSON.stringify({ name: "svc-new", user: "no-such-user-egt" }),
+  );
+  const r = await run("check");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.match(
+    r.stderr,
+    `warning: ${dir}/services.d/svc-new.json: $.user: user "no-such-user-egt" does not exist on this host: egressd refuses the policy until it does`,
+  );
+});
+
 test("--json gives errors as data with a stable code", async () => {
   const r = await run("--json", "allow", "svc-web", "x.example.test:0");
   assert.is(r.exitCode, 2);
@@ -413,6 +513,7 @@ test("--help works for every command and --version prints the version", async ()
     "status",
     "refresh",
     "apply",
+    "check",
   ]) {
     const r = await run(c, "--help");
     assert.is(r.exitCode, 0);
