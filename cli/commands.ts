@@ -40,9 +40,12 @@ const SERVICE_NAME_HINT =
 
 export function checkServiceName(name: string): void {
   if (!SERVICE_NAME.test(name)) {
-    throw invalid("ERR_EGRESS_SERVICE_NAME", `invalid service name "${name}"`, [
-      { where: "argument <service>", text: SERVICE_NAME_HINT },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_SERVICE_NAME",
+      `invalid service name "${name}"`,
+      [{ where: "argument <service>", text: SERVICE_NAME_HINT }],
+      "name the service after what it is, e.g. svc-web; it need not match the user's name",
+    );
   }
 }
 
@@ -51,18 +54,26 @@ export function parsePrincipal(text: string, flag: string): string | number {
   if (/^[0-9]+$/.test(text)) {
     const n = Number(text);
     if (n > 4294967294)
-      throw invalid("ERR_EGRESS_ID", `invalid ${flag.slice(2)} id "${text}"`, [
-        { where: flag, text: "ids are 0-4294967294" },
-      ]);
+      throw invalid(
+        "ERR_EGRESS_ID",
+        `invalid ${flag.slice(2)} id "${text}"`,
+        [{ where: flag, text: "ids are 0-4294967294" }],
+        '4294967295 is (uid_t) -1, never a real id: pass the id that "id -u NAME" prints, or the name',
+      );
     return n;
   }
   if (!/^[a-z_][a-z0-9_.-]{0,31}\$?$/.test(text)) {
-    throw invalid("ERR_EGRESS_PRINCIPAL", `invalid ${flag.slice(2)} name "${text}"`, [
-      {
-        where: flag,
-        text: "use a numeric id or a user name of lowercase letters, digits, '_', '-' or '.'",
-      },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_PRINCIPAL",
+      `invalid ${flag.slice(2)} name "${text}"`,
+      [
+        {
+          where: flag,
+          text: "use a numeric id or a user name of lowercase letters, digits, '_', '-' or '.'",
+        },
+      ],
+      "names are at most 32 characters and start with a letter or '_'",
+    );
   }
   return text;
 }
@@ -188,9 +199,12 @@ export async function register(
   checkServiceName(service);
   const mode = (opts.mode ?? "enforce") as Mode;
   if (mode !== "enforce" && mode !== "audit") {
-    throw invalid("ERR_EGRESS_MODE", `invalid mode "${opts.mode}"`, [
-      { where: "--mode", text: "use enforce or audit" },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_MODE",
+      `invalid mode "${opts.mode}"`,
+      [{ where: "--mode", text: "use enforce or audit" }],
+      "enforce refuses what is not allowed; audit only logs and counts it",
+    );
   }
   const user = parsePrincipal(opts.user, "--user");
   const group = opts.group === undefined ? undefined : parsePrincipal(opts.group, "--group");
@@ -199,6 +213,7 @@ export async function register(
       "ERR_EGRESS_CREATE_USER",
       `--create-user needs a user name, not the uid "${user}"`,
       [{ where: "--user", text: "give the name of the account to create" }],
+      "--create-user makes a system account of that name; an existing uid needs no --create-user",
     );
   }
   if (user === 0) refuseRoot(service, "user", user);
