@@ -2,6 +2,8 @@
 import { readConfigFiles } from "../agent/store/config-files.fs.ts";
 import { checkOwners, checkTexts, type FileKind, type Finding } from "../rules/check.ts";
 import { EgressError } from "../rules/errors.ts";
+import { listenerText, undeclaredListeners } from "../rules/listeners.ts";
+import type { ServicePolicy } from "../rules/policy.ts";
 import type { Ctx, Result } from "./commands.ts";
 
 const at = (f: Finding) => (f.path ? `${f.file}: ${f.path}` : f.file);
@@ -20,6 +22,66 @@ async function lookUp(
 }
 
 /**
+ * Files written by configuration management skip register's look at the socket table: warn
+ * here when an enforced service's uid already listens on ports its policy does not declare.
+ */
+async function listenerWarnings(
+  ctx: Ctx,
+  services: readonly { file: string; policy: ServicePolicy }[],
+  uids: Map<string | number, number>,
+): Promise<Finding[]> {
+  const out: Finding[] = [];
+  for (const { file, policy } of services) {
+    const uid = uids.get(policy.user);
+    if (policy.mode !== "enforce" || uid === undefined || uid === 0) continue;
+    const cut = undeclaredListeners(await ctx.sockets.listeners(uid), policy.inbound);
+    if (cut.length)
+      out.push({
+        file,
+        path: "$.inbound",
+        text: `uid ${uid} listens on ports this policy does not declare: ${cut.map(listenerText).join(", ")}; once enforced they stop accepting new connections`,
+      });
+  }
+  return out;
+}
+
+/**
+ * The checks that read the host (user database, socket table). They are advisory for files
+ * that may be meant for another moment: when the host cannot answer, they become a warning.
+ */
+async function ownerFindings(
+  ctx: Ctx,
+  services: readonly { file: string; policy: ServicePolicy }[],
+  where: string,
+): Promise<{ problems: Finding[]; warnings: Finding[] }> {
+  const out = { problems: [] as Finding[], warnings: [] as Finding[] };
+  if (!services.length) return out;
+  const skipped = (what: string, err: unknown) => {
+    if (!(err instanceof EgressError)) throw err;
+    out.warnings.push({ file: where, path: null, text: `${what} not checked: ${err.message}` });
+  };
+  let ids: Awaited<ReturnType<typeof lookUp>>;
+  try {
+    ids = await lookUp(ctx, {
+      users: services.map((s) => s.policy.user),
+      groups: services.flatMap((s) => (s.policy.group === undefined ? [] : [s.policy.group])),
+    });
+  } catch (err) {
+    skipped("users and groups", err);
+    return out;
+  }
+  const owners = checkOwners(services, ids);
+  out.problems.push(...owners.problems);
+  out.warnings.push(...owners.warnings);
+  try {
+    out.warnings.push(...(await listenerWarnings(ctx, services, ids.users)));
+  } catch (err) {
+    skipped("listening sockets", err);
+  }
+  return out;
+}
+
+/**
  * Checks `paths` (default: the config dir) without touching the kernel, the daemon or any
  * file: every problem of every file at once, each with its file and JSON path.
  */
@@ -33,26 +95,9 @@ export async function check(
   const report = checkTexts(inputs);
   const problems = [...unreadable, ...report.problems];
   const warnings = [...report.warnings];
-  if (report.services.length) {
-    const specs = {
-      users: report.services.map((s) => s.policy.user),
-      groups: report.services.flatMap((s) =>
-        s.policy.group === undefined ? [] : [s.policy.group],
-      ),
-    };
-    try {
-      const owners = checkOwners(report.services, await lookUp(ctx, specs));
-      problems.push(...owners.problems);
-      warnings.push(...owners.warnings);
-    } catch (err) {
-      if (!(err instanceof EgressError)) throw err;
-      warnings.push({
-        file: targets.join(", "),
-        path: null,
-        text: `users and groups not checked: ${err.message}`,
-      });
-    }
-  }
+  const owners = await ownerFindings(ctx, report.services, targets.join(", "));
+  problems.push(...owners.problems);
+  warnings.push(...owners.warnings);
   if (!inputs.length && !unreadable.length) {
     warnings.push({
       file: targets.join(", "),

@@ -1,4 +1,4 @@
-import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { suite } from "uvu";
@@ -141,6 +141,21 @@ test("--json reports the refusal as one error object with its code", async () =>
   assert.is(r.exitCode, 2);
   const out = JSON.parse(r.stdout) as { error: { code: string } };
   assert.is(out.error.code, "ERR_EGRESS_LISTENERS");
+});
+
+test("check warns when a policy written by hand would cut off a server its uid runs", async () => {
+  mkdirSync(join(dir, "services.d"));
+  writeFileSync(
+    join(dir, "services.d", "svc-web.json"),
+    JSON.stringify({ name: "svc-web", user: 2001, inbound: [{ ports: "8080" }] }),
+  );
+  listening = [tcp(8080), tcp(9082)];
+  const r = await run("check");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.is(
+    r.stderr,
+    `warning: ${dir}/services.d/svc-web.json: $.inbound: uid 2001 listens on ports this policy does not declare: 9082/tcp (on [::]); once enforced they stop accepting new connections\n`,
+  );
 });
 
 test.run();
