@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import {
   chmodSync,
+  copyFileSync,
   mkdirSync,
   mkdtempSync,
   readdirSync,
@@ -230,6 +231,10 @@ test("a name with an underscore is accepted, as the hint says it may be", async 
 
 test("a user who is not root is told permission is denied, not that another egressctl holds the lock", async () => {
   chmodSync(dir, 0o755);
+  // A copy the test uid can read wherever the checkout lives (the bundle is self-contained).
+  const ctl = join(dir, "egressctl.js");
+  copyFileSync(EGRESSCTL, ctl);
+  chmodSync(ctl, 0o644);
   const r = await execa(
     "setpriv",
     [
@@ -237,7 +242,7 @@ test("a user who is not root is told permission is denied, not that another egre
       "--regid=2001",
       "--clear-groups",
       process.execPath,
-      EGRESSCTL,
+      ctl,
       "--config-dir",
       dir,
       "--socket",
