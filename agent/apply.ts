@@ -6,7 +6,7 @@ import { compile, domainAllowances, nameMatcher, type ServiceInput } from "../ru
 import { diff, type Finding } from "../rules/diff.ts";
 import { invalid, type Problem } from "../rules/errors.ts";
 import { parseLive } from "../rules/live.ts";
-import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
+import { ROOT_REASON, type DaemonConfig, type ServicePolicy } from "../rules/policy.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
 import type { Dropped } from "../rules/address-filter.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
@@ -90,14 +90,30 @@ export async function resolvePrincipals(
         text: `group "${policy.group}" does not exist on this host`,
       });
     }
+    // A name that resolves to root (an alias, a changed passwd) would lock the host out too.
+    if (user?.id === 0)
+      problems.push({
+        where: `${where(policy.name)}: $.user`,
+        text: `user "${policy.user}" is uid 0 (root): ${ROOT_REASON}`,
+      });
+    if (group?.id === 0)
+      problems.push({
+        where: `${where(policy.name)}: $.group`,
+        text: `group "${policy.group}" is gid 0 (root): ${ROOT_REASON}`,
+      });
     if (user) out.push({ policy, uid: user.id, ...(group ? { gid: group.id } : {}) });
   }
   if (problems.length) {
+    const missing = problems.some((p) => p.text.includes("does not exist"));
     throw invalid(
       "ERR_EGRESS_UNKNOWN_PRINCIPAL",
-      "some services name users or groups that do not exist",
+      missing
+        ? "some services name users or groups that do not exist"
+        : "some services name root as their user or group",
       problems,
-      "create them (or re-register with --create-user), or register the service with a numeric --user",
+      missing
+        ? "create them (or re-register with --create-user), or register the service with a numeric --user"
+        : "give each service its own unprivileged user (egressctl register SERVICE --user NAME --create-user)",
     );
   }
   return out;

@@ -33,7 +33,10 @@ async function getentMany(
       throw new EgressError(
         "ERR_EGRESS_GETENT",
         `getent ${db} failed (exit ${String(r.exitCode)}): ${r.stderr}`,
-        { exitCode: 3 },
+        {
+          exitCode: 3,
+          hint: 'the user database did not answer: check /etc/nsswitch.conf and that "getent passwd root" works',
+        },
       );
     }
     for (const line of r.stdout.split("\n")) {

@@ -16,12 +16,15 @@ import type { Finding } from "../rules/diff.ts";
 import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";
 import {
   DNS_MODES,
+  ROOT_REASON,
   SERVICE_NAME,
   type DnsMode,
   type Mode,
   type ServicePolicy,
 } from "../rules/policy.ts";
-import { formatTarget, parseTarget, type OutboundRule } from "../rules/target.ts";
+import { listenerText, undeclaredListeners, type Listener } from "../rules/listeners.ts";
+import type { Sockets } from "../agent/sockets.sys.ts";
+import { formatTarget, parseTarget, TARGET_HINT, type OutboundRule } from "../rules/target.ts";
 
 export interface Result {
   exitCode: ExitCode;
@@ -34,9 +37,10 @@ export interface Result {
 }
 
 export interface Ctx extends Deps {
-  /** Asks a running egressd to apply; null when none is running. */
   /** The running egressd's control socket, or null when none runs. */
   daemon: () => Promise<Call | null>;
+  /** The kernel's socket table: which ports a uid listens on. */
+  sockets: Sockets;
 }
 
 const SERVICE_NAME_HINT =
@@ -44,9 +48,12 @@ const SERVICE_NAME_HINT =
 
 export function checkServiceName(name: string): void {
   if (!SERVICE_NAME.test(name)) {
-    throw invalid("ERR_EGRESS_SERVICE_NAME", `invalid service name "${name}"`, [
-      { where: "argument <service>", text: SERVICE_NAME_HINT },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_SERVICE_NAME",
+      `invalid service name "${name}"`,
+      [{ where: "argument <service>", text: SERVICE_NAME_HINT }],
+      "name the service after what it is, e.g. svc-web; it need not match the user's name",
+    );
   }
 }
 
@@ -55,18 +62,26 @@ export function parsePrincipal(text: string, flag: string): string | number {
   if (/^[0-9]+$/.test(text)) {
     const n = Number(text);
     if (n > 4294967294)
-      throw invalid("ERR_EGRESS_ID", `invalid ${flag.slice(2)} id "${text}"`, [
-        { where: flag, text: "ids are 0-4294967294" },
-      ]);
+      throw invalid(
+        "ERR_EGRESS_ID",
+        `invalid ${flag.slice(2)} id "${text}"`,
+        [{ where: flag, text: "ids are 0-4294967294" }],
+        '4294967295 is (uid_t) -1, never a real id: pass the id that "id -u NAME" prints, or the name',
+      );
     return n;
   }
   if (!/^[a-z_][a-z0-9_.-]{0,31}\$?$/.test(text)) {
-    throw invalid("ERR_EGRESS_PRINCIPAL", `invalid ${flag.slice(2)} name "${text}"`, [
-      {
-        where: flag,
-        text: "use a numeric id or a user name of lowercase letters, digits, '_', '-' or '.'",
-      },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_PRINCIPAL",
+      `invalid ${flag.slice(2)} name "${text}"`,
+      [
+        {
+          where: flag,
+          text: "use a numeric id or a user name of lowercase letters, digits, '_', '-' or '.'",
+        },
+      ],
+      "names are at most 32 characters and start with a letter or '_'",
+    );
   }
   return text;
 }
@@ -84,19 +99,24 @@ export async function requireService(ctx: Ctx, name: string): Promise<ServicePol
 
 function parseTargets(args: readonly string[]): OutboundRule[] {
   const problems: Problem[] = [];
+  const hints: string[] = [];
   const out: OutboundRule[] = [];
   for (const a of args) {
     const t = parseTarget(a);
-    if ("error" in t) problems.push({ where: `target "${a}"`, text: t.error });
-    else out.push(t);
+    if ("error" in t) {
+      problems.push({ where: `target "${a}"`, text: t.error });
+      const hint = t.hint ?? TARGET_HINT;
+      if (!hints.includes(hint)) hints.push(hint);
+    } else out.push(t);
   }
   if (problems.length) {
     const only = problems.length === 1 ? problems[0]?.text : undefined;
+    // Each failure's hint comes from what failed; several different ones are all given.
     throw invalid(
       "ERR_EGRESS_TARGET",
       only ?? `${problems.length} invalid targets`,
       only ? [] : problems,
-      "targets are HOST:PORT[/tcp|/udp] or HOST:LOW-HIGH[/tcp|/udp]; HOST is a name, an IPv4 address or CIDR, or [IPv6] / [IPv6/len]",
+      hints.join("; "),
     );
   }
   return out;
@@ -151,25 +171,85 @@ export async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: st
   };
 }
 
+/** Refuses root as a service's user or group (by id, so a name that resolves to 0 is caught too). */
+function refuseRoot(service: string, kind: "user" | "group", spec: string | number): never {
+  const id = kind === "user" ? "uid 0" : "gid 0";
+  throw new EgressError(
+    "ERR_EGRESS_ROOT",
+    `refusing to register ${service} as ${kind} ${String(spec)} (${id}): ${ROOT_REASON}`,
+    {
+      hint: `run the service as its own unprivileged user: egressctl register ${service} --user ${service} --create-user`,
+    },
+  );
+}
+
+/** The policy file of a service being registered: its allowances kept, the rest from the flags. */
+function registered(
+  service: string,
+  existing: ServicePolicy | null,
+  user: string | number,
+  group: string | number | undefined,
+  mode: Mode,
+  dns: DnsMode,
+): ServicePolicy {
+  return {
+    name: service,
+    user,
+    ...(group !== undefined ? { group } : {}),
+    mode,
+    dns,
+    outbound: existing?.outbound ?? [],
+    inbound: existing?.inbound ?? [],
+  };
+}
+
+/** The error (or, with --force or in audit mode, the warning) for listeners the policy would cut off. */
+function listenersProblem(
+  service: string,
+  user: string | number,
+  uid: number,
+  cut: readonly Listener[],
+  existing: boolean,
+): { message: string; hint: string } {
+  const ports = cut.map(listenerText).join(", ");
+  const declare = cut.map((l) => `egressctl allow-in ${service} ${l.port}/${l.protocol}`);
+  return {
+    message: `uid ${uid} listens on ports ${service} does not declare: ${ports}; once ${service} is enforced they stop accepting new connections`,
+    hint: existing
+      ? `declare them first (${declare.join("; ")}), or add --force to register anyway`
+      : `register in audit mode first (egressctl register ${service} --user ${String(user)} --mode audit), declare them (${declare.join("; ")}), then register again without --mode audit; or add --force to register anyway`,
+  };
+}
+
 export async function register(
   ctx: Ctx,
   service: string,
-  opts: { user: string; group?: string; createUser?: boolean; mode?: string; dns?: string },
+  opts: {
+    user: string;
+    group?: string;
+    createUser?: boolean;
+    mode?: string;
+    dns?: string;
+    force?: boolean;
+  },
 ): Promise<Result> {
   checkServiceName(service);
   const mode = (opts.mode ?? "enforce") as Mode;
   if (mode !== "enforce" && mode !== "audit") {
-    throw invalid("ERR_EGRESS_MODE", `invalid mode "${opts.mode}"`, [
-      { where: "--mode", text: "use enforce or audit" },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_MODE",
+      `invalid mode "${opts.mode}"`,
+      [{ where: "--mode", text: "use enforce or audit" }],
+      "enforce refuses what is not allowed; audit only logs and counts it",
+    );
   }
   if (opts.dns !== undefined && !DNS_MODES.includes(opts.dns as DnsMode)) {
-    throw invalid("ERR_EGRESS_DNS_MODE", `invalid DNS mode "${opts.dns}"`, [
-      {
-        where: "--dns",
-        text: "use proxy (egressd answers its lookups), system (it may reach the resolvers) or none",
-      },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_DNS_MODE",
+      `invalid DNS mode "${opts.dns}"`,
+      [{ where: "--dns", text: "use proxy, system or none" }],
+      "proxy: egressd answers the service's lookups (allowed names only); system: it may reach the configured resolvers; none: no DNS",
+    );
   }
   const user = parsePrincipal(opts.user, "--user");
   const group = opts.group === undefined ? undefined : parsePrincipal(opts.group, "--group");
@@ -178,32 +258,36 @@ export async function register(
       "ERR_EGRESS_CREATE_USER",
       `--create-user needs a user name, not the uid "${user}"`,
       [{ where: "--user", text: "give the name of the account to create" }],
+      "--create-user makes a system account of that name; an existing uid needs no --create-user",
     );
   }
+  if (user === 0) refuseRoot(service, "user", user);
+  if (group === 0) refuseRoot(service, "group", group);
   return ctx.store.locked(async () => {
-    let uid = (await ctx.users.users([user])).get(user);
-    let created = false;
-    if (!uid) {
-      if (!opts.createUser) {
+    // Every refusal comes before --create-user creates anything.
+    const found = (await ctx.users.users([user])).get(user);
+    if (!found && !opts.createUser) {
+      throw new EgressError(
+        "ERR_EGRESS_UNKNOWN_USER",
+        `user "${user}" does not exist on this host`,
+        {
+          hint: `add --create-user to create a locked system account, or create it with useradd --system ${user}`,
+        },
+      );
+    }
+    if (found?.id === 0) refuseRoot(service, "user", user);
+    if (group !== undefined) {
+      const g = (await ctx.users.groups([group])).get(group);
+      if (!g) {
         throw new EgressError(
-          "ERR_EGRESS_UNKNOWN_USER",
-          `user "${user}" does not exist on this host`,
+          "ERR_EGRESS_UNKNOWN_GROUP",
+          `group "${group}" does not exist on this host`,
           {
-            hint: `add --create-user to create a locked system account, or create it with useradd --system ${user}`,
+            hint: `create it (groupadd --system ${group}) or pass a numeric gid`,
           },
         );
       }
-      uid = await ctx.users.createUser(String(user));
-      created = true;
-    }
-    if (group !== undefined && !(await ctx.users.groups([group])).get(group)) {
-      throw new EgressError(
-        "ERR_EGRESS_UNKNOWN_GROUP",
-        `group "${group}" does not exist on this host`,
-        {
-          hint: `create it (groupadd --system ${group}) or pass a numeric gid`,
-        },
-      );
+      if (g.id === 0) refuseRoot(service, "group", group);
     }
     const existing = await ctx.store.loadService(service);
     const dns = (opts.dns as DnsMode | undefined) ?? existing?.dns ?? "proxy";
@@ -216,15 +300,24 @@ export async function register(
         `revoke them first (egressctl revoke ${service} ${wild.map(formatTarget).join(" ")}), or keep --dns proxy`,
       );
     }
-    const policy: ServicePolicy = {
-      name: service,
-      user,
-      ...(group !== undefined ? { group } : {}),
-      mode,
-      dns,
-      outbound: existing?.outbound ?? [],
-      inbound: existing?.inbound ?? [],
-    };
+    const policy = registered(service, existing, user, group, mode, dns);
+    // A uid that already serves ports the policy does not declare would stop serving them.
+    const cut = found
+      ? undeclaredListeners(await ctx.sockets.listeners(found.id), policy.inbound)
+      : [];
+    const warnings: string[] = [];
+    if (cut.length && found) {
+      const p = listenersProblem(service, user, found.id, cut, existing !== null);
+      if (mode === "enforce" && !opts.force)
+        throw new EgressError("ERR_EGRESS_LISTENERS", p.message, { hint: p.hint });
+      warnings.push(
+        mode === "audit"
+          ? `warning: ${p.message}; declare them with allow-in before switching to enforce mode`
+          : `warning: ${p.message} (registered anyway: --force)`,
+      );
+    }
+    const uid = found ?? (await ctx.users.createUser(String(user)));
+    const created = !found;
     const others = (await ctx.store.loadServices()).filter((p) => p.name !== service);
     checkDistinctOwners(
       await resolvePrincipals([...others, policy], ctx.users, (n) => ctx.store.serviceFile(n)),
@@ -242,7 +335,9 @@ export async function register(
         createdUser: created,
         policy,
         applied: effect.applied,
+        undeclaredListeners: cut,
       },
+      warnings,
     };
   });
 }

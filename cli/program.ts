@@ -4,6 +4,7 @@ import { connectDaemon } from "../agent/control/control.sock.ts";
 import { execNft } from "../agent/nft/nft.exec.ts";
 import { StateStore } from "../agent/store/state.fs.ts";
 import { systemUsers } from "../agent/users.sys.ts";
+import { systemSockets } from "../agent/sockets.sys.ts";
 
 import { EgressError, type ExitCode } from "../rules/errors.ts";
 import { PolicyStore } from "../agent/store/policy-store.fs.ts";
@@ -12,6 +13,7 @@ import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/pa
 import * as cmd from "./commands.ts";
 import * as inbound from "./inbound.ts";
 import { systemd } from "./systemd.ts";
+import { check } from "./check.ts";
 
 import type { Ctx, Result } from "./commands.ts";
 
@@ -35,6 +37,7 @@ function context(g: GlobalOptions): Ctx {
     state: new StateStore(p.stateDir),
     nft: execNft(),
     users: systemUsers(),
+    sockets: systemSockets(),
     daemon: () => connectDaemon(p.socket),
   };
 }
@@ -86,6 +89,10 @@ export function program(
       "--dns <mode>",
       "proxy (default for new services): egressd answers its lookups, allowed names only; system: it may reach the resolvers; none: no DNS",
     )
+    .option(
+      "--force",
+      "register even though the user listens on ports the policy does not declare (they stop accepting new connections)",
+    )
     .action(function (this: Command, service: string) {
       const o = this.opts<{
         user: string;
@@ -93,6 +100,7 @@ export function program(
         createUser?: boolean;
         mode: string;
         dns?: string;
+        force?: boolean;
       }>();
       go(this, (ctx) => cmd.register(ctx, service, o));
     });
@@ -134,9 +142,15 @@ export function program(
       (v: string, acc: string[]) => [...acc, v],
       [] as string[],
     )
+    .option(
+      "--anywhere",
+      "accept from every source; needed to widen a port that has --from sources",
+    )
     .action(function (this: Command, service: string, port: string) {
-      const o = this.opts<{ from: string[] }>();
-      go(this, (ctx) => inbound.allowIn(ctx, service, port, o.from));
+      const o = this.opts<{ from: string[]; anywhere?: boolean }>();
+      go(this, (ctx) =>
+        inbound.allowIn(ctx, service, port, o.from, { anywhere: Boolean(o.anywhere) }),
+      );
     });
 
   prog
@@ -223,17 +237,81 @@ export function program(
       go(this, (ctx) => systemd(ctx, service, o));
     });
 
+  prog
+    .command("check")
+    .description(
+      "validate policy and daemon config files offline, every problem at once; changes nothing",
+    )
+    .argument("[path...]", "a config dir, a services.d dir or files (default: the config dir)")
+    .addOption(
+      new Option(
+        "--kind <kind>",
+        "what FILE arguments are, whatever their names (e.g. an Ansible validate temp file)",
+      ).choices(["service", "config"]),
+    )
+    .action(function (this: Command, paths: string[]) {
+      const o = this.opts<{ kind?: "service" | "config" }>();
+      go(this, (ctx) => check(ctx, paths, o.kind ? { kind: o.kind } : {}));
+    });
+
   return prog;
 }
 
-/** Runs egressctl with `argv` (without node and script) and returns the exit code. */
-export async function main(argv: readonly string[], io: Io): Promise<ExitCode> {
+/** Whether argv asks for JSON output (a global flag: before or after the command, not after "--"). */
+function wantsJson(argv: readonly string[]): boolean {
+  const end = argv.indexOf("--");
+  return (end === -1 ? argv : argv.slice(0, end)).includes("--json");
+}
+
+/** A commander usage error (unknown command or option, missing argument) as an EgressError. */
+const noCommand = () =>
+  new EgressError("ERR_EGRESS_USAGE", "no command given", {
+    hint: "run egressctl --help for the commands",
+  });
+
+function usageError(err: CommanderError, prog: Command, argv: readonly string[]): EgressError {
+  if (err.code === "commander.help") return noCommand();
+  const sub = prog.commands.find((c) => argv.includes(c.name()));
+  const help = sub ? `egressctl ${sub.name()} --help` : "egressctl --help";
+  return new EgressError(
+    "ERR_EGRESS_USAGE",
+    err.message.replace(/^error: /, "").replace(/\n[\s\S]*$/, ""),
+    {
+      exitCode: 2,
+      hint: `run ${help} for usage`,
+      details: { commanderCode: err.code },
+    },
+  );
+}
+
+/**
+ * Runs egressctl with `argv` (without node and script) and returns the exit code.
+ * With --json every outcome, usage errors, --help and --version included, is one JSON
+ * object on stdout. `makeContext` builds the handlers' adapters (tests pass fakes).
+ */
+export async function main(
+  argv: readonly string[],
+  io: Io,
+  makeContext: (g: GlobalOptions) => Ctx = context,
+): Promise<ExitCode> {
+  const json = wantsJson(argv);
+  const printJson = (v: unknown) => io.stdout(JSON.stringify(v, null, 2) + "\n");
+  // In JSON mode commander's own stdout (help, version) is collected and wrapped.
+  let commanderOut = "";
+  const progIo: Io = json
+    ? {
+        stdout: (t) => {
+          commanderOut += t;
+        },
+        stderr: io.stderr,
+      }
+    : io;
   let pending: Promise<ExitCode> | null = null;
-  const prog = program(io, (g, job) => {
+  const prog = program(progIo, (g, job) => {
     pending = (async () => {
       try {
-        const r = await job(context(g));
-        if (g.json) io.stdout(JSON.stringify(r.data, null, 2) + "\n");
+        const r = await job(makeContext(g));
+        if (g.json) printJson(r.data);
         else {
           if (!g.quiet) io.stdout(r.text);
           for (const w of r.warnings ?? []) if (!g.quiet) io.stderr(w + "\n");
@@ -248,7 +326,7 @@ export async function main(argv: readonly string[], io: Io): Promise<ExitCode> {
                 hint: "this is a bug in egressd; please report it with the command you ran",
                 details: { stack: (err as Error).stack },
               });
-        if (g.json) io.stdout(JSON.stringify({ error: e.toJSON() }, null, 2) + "\n");
+        if (g.json) printJson({ error: e.toJSON() });
         io.stderr(renderError(e));
         return e.exitCode;
       }
@@ -257,17 +335,24 @@ export async function main(argv: readonly string[], io: Io): Promise<ExitCode> {
   try {
     await prog.parseAsync([...argv], { from: "user" });
   } catch (err) {
-    if (err instanceof CommanderError) {
-      return err.code === "commander.helpDisplayed" ||
-        err.code === "commander.version" ||
-        err.code === "commander.help"
-        ? 0
-        : 2;
+    if (!(err instanceof CommanderError)) throw err;
+    // Help asked for exits 0; help shown because no command was given is a usage error.
+    if (
+      err.code === "commander.helpDisplayed" ||
+      err.code === "commander.version" ||
+      (err.code === "commander.help" && err.exitCode === 0)
+    ) {
+      if (json)
+        printJson(err.code === "commander.version" ? { version: VERSION } : { help: commanderOut });
+      return 0;
     }
-    throw err;
+    if (json) printJson({ error: usageError(err, prog, argv).toJSON() });
+    return 2;
   }
   if (!pending) {
+    // Not reached through commander (which shows help for a missing command): a guard.
     io.stderr(prog.helpInformation());
+    if (json) printJson({ error: noCommand().toJSON() });
     return 2;
   }
   return pending;

@@ -22,9 +22,12 @@ export async function systemd(
 ): Promise<Result> {
   const unitError = unitNameError(o.unit);
   if (unitError) {
-    throw invalid("ERR_EGRESS_UNIT", `invalid unit "${o.unit}"`, [
-      { where: "--unit", text: unitError },
-    ]);
+    throw invalid(
+      "ERR_EGRESS_UNIT",
+      `invalid unit "${o.unit}"`,
+      [{ where: "--unit", text: unitError }],
+      "name the service's unit, e.g. --unit web.service",
+    );
   }
   const policy = await requireService(ctx, service);
   const config = await ctx.store.loadConfig();

@@ -123,6 +123,7 @@ export function checkInboundOverlap(policies: readonly ServicePolicy[]): void {
       "ERR_EGRESS_INBOUND_CONFLICT",
       "two services declare the same inbound port",
       problems,
+      "a port belongs to one service: revoke-in it from the other service first, or use another port",
     );
 }
 

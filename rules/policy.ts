@@ -79,6 +79,10 @@ export const DEFAULT_CONFIG: DaemonConfig = {
   log: { level: "info" },
 };
 
+/** Why root (uid 0, gid 0) is never a service's owner. */
+export const ROOT_REASON =
+  "root can remove any firewall, so confining it protects nothing, and refusing its traffic breaks the host (sshd, package updates, egressd itself)";
+
 /** Service names: short, lowercase, and safe inside nft object names once "-" becomes "_". */
 export const SERVICE_NAME = /^[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?$/;
 const SERVICE_NAME_TEXT =
@@ -188,7 +192,10 @@ export const CONFIG_SCHEMA = {
   },
 } as const;
 
-const ajv = lazy(() => new Ajv({ allErrors: true, strict: true, code: { optimize: false } }));
+// verbose: errors carry their schema, whose description and allowed keys the messages quote.
+const ajv = lazy(
+  () => new Ajv({ allErrors: true, strict: true, verbose: true, code: { optimize: false } }),
+);
 const serviceValidator = lazy(() => ajv().compile(SERVICE_SCHEMA));
 const configValidator = lazy(() => ajv().compile(CONFIG_SCHEMA));
 
@@ -239,6 +246,14 @@ export function validateService(raw: unknown, file: string, expectedName?: strin
       where: at("$.name"),
       text: `"${doc.name}" does not match the file name: the policy for ${doc.name} belongs in ${doc.name}.json`,
     });
+  }
+  // Root as a service's owner locks the host out (see ROOT_REASON); register refuses it too.
+  for (const key of ["user", "group"] as const) {
+    if (doc[key] === 0 || doc[key] === "root")
+      problems.push({
+        where: at(`$.${key}`),
+        text: `${JSON.stringify(doc[key])} is root: ${ROOT_REASON}`,
+      });
   }
   const ports = (value: unknown, path: string): string => {
     const text = str(value);

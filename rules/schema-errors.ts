@@ -18,18 +18,53 @@ export function jsonPath(pointer: string, extra?: string): string {
   return out;
 }
 
+/** Edit distance between two short strings (insertions, deletions, substitutions). */
+function distance(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++)
+      row[j] = Math.min(
+        (prev[j] ?? 0) + 1,
+        (row[j - 1] ?? 0) + 1,
+        (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
+    prev = row;
+  }
+  return prev[b.length] ?? 0;
+}
+
+/** The allowed key a misspelt one most likely meant: another case, 1-2 edits away, or cut short. */
+export function closest(key: string, allowed: readonly string[]): string | undefined {
+  const lower = key.toLowerCase();
+  const same = allowed.find((k) => k.toLowerCase() === lower);
+  if (same) return same;
+  const scored = allowed
+    .map((k) => ({ k, d: distance(lower, k.toLowerCase()) }))
+    .filter((x) => x.d <= 2 && x.d < x.k.length / 2)
+    .sort((a, b) => a.d - b.d);
+  return (
+    scored[0]?.k ??
+    (lower.length >= 3 ? allowed.find((k) => k.toLowerCase().startsWith(lower)) : undefined)
+  );
+}
+
 function describe(e: ErrorObject): { path: string; text: string } {
   const p = e.params as Record<string, unknown>;
   switch (e.keyword) {
-    case "additionalProperties":
+    case "additionalProperties": {
+      const key = String(p.additionalProperty);
+      const allowed = Object.keys((e.parentSchema?.properties as object | undefined) ?? {});
+      const near = closest(key, allowed);
       return {
-        path: jsonPath(e.instancePath, String(p.additionalProperty)),
+        path: jsonPath(e.instancePath, key),
         text:
-          `unknown key "${String(p.additionalProperty)}"` +
-          (e.parentSchema?.properties
-            ? ` (allowed: ${Object.keys(e.parentSchema.properties as object).join(", ")})`
+          `unknown key "${key}"` +
+          (allowed.length
+            ? ` (${near ? `did you mean "${near}"? ` : ""}allowed: ${allowed.join(", ")})`
             : ""),
       };
+    }
     case "required":
       return {
         path: jsonPath(e.instancePath, String(p.missingProperty)),

@@ -19,6 +19,9 @@ for (const [name, entry] of Object.entries(entries)) {
     sourcemap: false,
     legalComments: "none",
     define: { EGRESSD_VERSION: JSON.stringify(version) },
+    // jsonc-parser's "main" is a UMD build whose require() calls a bundler cannot follow;
+    // its ES module build bundles cleanly.
+    alias: { "jsonc-parser": "jsonc-parser/lib/esm/main.js" },
     // CommonJS dependencies call require(); give the ESM bundle one.
     banner: {
       js: [

@@ -19,6 +19,12 @@ const indent = (s: string) =>
     .map((l) => `   ${l}`)
     .join("\n");
 
+/** The number of rules in base chain `chain` of an `nft list table` listing. */
+function baseRules(listing: string, chain: string): number {
+  const body = new RegExp(`chain ${chain} \\{\\n([\\s\\S]*?)\\n\\s*\\}`).exec(listing)?.[1] ?? "";
+  return body.split("\n").filter((l) => l.trim() && !/^\s*type \w+ hook/.test(l)).length;
+}
+
 async function ctl(sb: Sandbox, ...args: string[]): Promise<void> {
   console.log(`$ egressctl ${args.join(" ")}`);
   const r = await sb.egressctl(...args);
@@ -117,14 +123,17 @@ async function main(): Promise<void> {
     say("Live status");
     await ctl(sb, "status");
 
-    say("The rules egressd keeps in the namespace's kernel (one table, three base-chain rules)");
     const table = await sb.nft("list", "table", "inet", "egressd");
+    // Counted from the listing, so the heading stays true when the ruleset changes.
+    const base = ["output", "input"].map((c) => `${baseRules(table, c)} rules in ${c}`).join(", ");
+    say(
+      `The rules egressd keeps in the namespace's kernel: one table; its base chains hold ${base}, whatever the number of services`,
+    );
     console.log(
       indent(
         table
           .split("\n")
           .filter((l) => !/^\s*$/.test(l))
-          .slice(0, 60)
           .join("\n"),
       ),
     );

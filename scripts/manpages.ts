@@ -68,6 +68,7 @@ const COMMON_TAIL = (prog: string) => [
   ".SH ENVIRONMENT",
   ".TP\n.B EGRESSD_CONFIG_DIR, EGRESSD_STATE_DIR, EGRESSD_SOCKET\nas the corresponding options",
   ".TP\n.B EGRESSD_NFT\nthe nft program to run (default: nft on PATH)",
+  ".TP\n.B EGRESSD_RESOLV_CONF\nthe resolv.conf whose nameserver lines are the resolvers when egressd.json names none (default: /etc/resolv.conf)",
   ".SH SEE ALSO",
   prog === "egressctl" ? ".BR egressd (8), " : ".BR egressctl (8), ",
   ".BR nft (8), ",
@@ -133,6 +134,7 @@ function ctlPage(): string {
     "egressctl status svc\\-web",
     "egressctl audit \\-\\-repair",
     "egressctl systemd svc\\-web \\-\\-unit web.service \\-\\-harden \\-\\-write",
+    "egressctl check && systemctl reload egressd    # after configuration management wrote services.d/",
     ".fi",
     ...COMMON_TAIL("egressctl"),
   );
@@ -165,8 +167,10 @@ function bash(): string {
   );
   const per = ctl.commands.map((c) => {
     const flags = visible(c).flatMap((o) => [o.long].filter((x): x is string => Boolean(x)));
-    const takesService = c.registeredArguments[0]?.name() === "service";
-    return `    ${c.name()}) opts="${flags.join(" ")}"; svc=${takesService ? 1 : 0} ;;`;
+    // svc=1: complete a service name; svc=2: complete file names (check's paths).
+    const first = c.registeredArguments[0]?.name();
+    const svc = first === "service" ? 1 : first === "path" ? 2 : 0;
+    return `    ${c.name()}) opts="${flags.join(" ")}"; svc=${svc} ;;`;
   });
   return `# bash completion for egressctl (generated from its --help source)
 _egressctl() {
@@ -197,6 +201,8 @@ ${per.join("\n")}
   elif [[ $svc == 1 && $((COMP_CWORD - i)) == 1 ]]; then
     local dir="\${EGRESSD_CONFIG_DIR:-/etc/egressd}/services.d"
     COMPREPLY=($(compgen -W "$(cd "$dir" 2>/dev/null && ls *.json 2>/dev/null | sed 's/\\.json$//')" -- "$cur"))
+  elif [[ $svc == 2 ]]; then
+    COMPREPLY=($(compgen -f -- "$cur"))
   fi
 }
 complete -F _egressctl egressctl

@@ -3,17 +3,18 @@
 import { spawn } from "node:child_process";
 import { stripVTControlCharacters } from "node:util";
 
+// Colour only on a terminal: a saved log (CI, `| tee`) stays plain text. uvu forces colour
+// unless told --no-color, whatever FORCE_COLOR says.
+const tty = Boolean(process.stdout.isTTY);
 const args = [
   "--import",
   "tsx",
   "node_modules/uvu/bin.js",
   "test",
   process.argv[2] ?? "\\.test\\.ts$",
+  ...(tty ? [] : ["--no-color"]),
 ];
-// Plain output for parsing (kleur, uvu's colour library, honours FORCE_COLOR=0).
-const env = { ...process.env, FORCE_COLOR: "0" };
-
-delete env.NO_COLOR;
+const env = { ...process.env, FORCE_COLOR: tty ? "1" : "0" };
 
 const child = spawn(process.execPath, args, {
   stdio: ["ignore", "pipe", "inherit"],
@@ -22,7 +23,7 @@ const child = spawn(process.execPath, args, {
 let out = "";
 child.stdout.on("data", (d) => {
   out += d;
-  process.stdout.write(d);
+  process.stdout.write(tty ? d : stripVTControlCharacters(String(d)));
 });
 child.on("close", (code) => {
   const plain = stripVTControlCharacters(out);

@@ -188,7 +188,10 @@ export async function connectDaemon(path: string, timeoutMs = 120_000): Promise<
           new EgressError(
             "ERR_EGRESS_SOCKET",
             `egressd did not answer within ${timeoutMs / 1000} s`,
-            { exitCode: 3 },
+            {
+              exitCode: 3,
+              hint: "egressd is busy or stuck: see its log (journalctl -u egressd); the change, if any, is saved",
+            },
           ),
         );
       }, timeoutMs);
@@ -200,6 +203,7 @@ export async function connectDaemon(path: string, timeoutMs = 120_000): Promise<
         reject(
           new EgressError("ERR_EGRESS_SOCKET", `lost egressd at ${path}: ${err.message}`, {
             exitCode: 3,
+            hint: "egressd stopped while answering: see its log (journalctl -u egressd)",
           }),
         );
       });

@@ -3,10 +3,12 @@
  * Writes are atomic (temp file, fsync, rename) and read-modify-write runs under a lock,
  * so two egressctl commands at the same moment never lose either update.
  */
-import { mkdir, readdir, readFile, rm } from "node:fs/promises";
+import { constants } from "node:fs";
+import { access, mkdir, readdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import lockfile from "proper-lockfile";
 import { EgressError, invalid, type Problem } from "../../rules/errors.ts";
+import { parseJsonText } from "../../rules/json-text.ts";
 import { writeSafely } from "./safe-file.fs.ts";
 import {
   DEFAULT_CONFIG,
@@ -20,29 +22,25 @@ import {
 export const CONFIG_FILE = "egressd.json";
 export const SERVICES_DIR = "services.d";
 
-function parseJSON(text: string, file: string): unknown {
-  try {
-    return JSON.parse(text) as unknown;
-  } catch (err) {
-    throw invalid(
-      "ERR_EGRESS_JSON",
-      `${file} is not valid JSON`,
-      [{ where: file, text: `not valid JSON: ${(err as Error).message}` }],
-
-      "fix the JSON syntax",
-    );
-  }
-}
-
+/** An error from the file system, its code and hint chosen by errno. */
 function fsError(err: unknown, what: string): EgressError {
   if (err instanceof EgressError) return err;
   const e = err as NodeJS.ErrnoException;
+  if (e.code === "EACCES" || e.code === "EPERM") {
+    return new EgressError("ERR_EGRESS_PERMISSION", `cannot ${what}: permission denied`, {
+      exitCode: 3,
+      hint: "the policy belongs to root: run egressctl as root (sudo egressctl ...)",
+      cause: err,
+    });
+  }
   return new EgressError("ERR_EGRESS_FS", `cannot ${what}: ${e.message}`, {
     exitCode: 3,
     hint:
-      e.code === "EACCES" || e.code === "EPERM"
-        ? "run as root"
-        : "check the path and its permissions",
+      e.code === "EROFS"
+        ? "the file system is mounted read-only"
+        : e.code === "ENOSPC"
+          ? "the file system is full"
+          : "check the path and its permissions",
     cause: err,
   });
 }
@@ -68,7 +66,7 @@ export class PolicyStore {
       if ((err as NodeJS.ErrnoException).code === "ENOENT") return structuredClone(DEFAULT_CONFIG);
       throw fsError(err, `read ${file}`);
     }
-    return validateConfig(parseJSON(text, file), file);
+    return validateConfig(parseJsonText(text, file), file);
   }
 
   /** One service's policy, or null when it is not registered. */
@@ -81,7 +79,7 @@ export class PolicyStore {
       if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
       throw fsError(err, `read ${file}`);
     }
-    return validateService(parseJSON(text, file), file, name);
+    return validateService(parseJsonText(text, file), file, name);
   }
 
   /** Every service policy. Problems in all files are collected and reported together. */
@@ -124,8 +122,11 @@ export class PolicyStore {
   async locked<T>(fn: () => Promise<T>): Promise<T> {
     try {
       await mkdir(this.servicesDir, { recursive: true, mode: 0o755 });
+      // The lock library retries every error; say "permission denied" at once instead.
+      await access(this.configDir, constants.W_OK);
+      await access(this.servicesDir, constants.W_OK);
     } catch (err) {
-      throw fsError(err, `create ${this.servicesDir}`);
+      throw fsError(err, `change the policy in ${this.configDir}`);
     }
     let release: () => Promise<void>;
     try {
@@ -135,12 +136,14 @@ export class PolicyStore {
         stale: 15_000,
       });
     } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ELOCKED")
+        throw fsError(err, `lock ${this.configDir}`);
       throw new EgressError(
         "ERR_EGRESS_LOCKED",
-        `cannot lock ${this.configDir}: ${(err as Error).message}`,
+        `cannot lock ${this.configDir}: another egressctl has held its lock for the last few seconds`,
         {
           exitCode: 3,
-          hint: "another egressctl is changing the policy; retry in a moment",
+          hint: `another egressctl is changing the policy; retry in a moment (a lock left by a killed egressctl, ${join(this.configDir, ".egressctl.lock")}, is taken over after 15 s)`,
         },
       );
     }

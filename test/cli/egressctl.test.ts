@@ -1,5 +1,15 @@
 import { createHash } from "node:crypto";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  copyFileSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { suite } from "uvu";
@@ -116,6 +126,9 @@ const BAD: [string[], string][] = [
   [["revoke-in", "svc-web", "9999"], "svc-web does not accept 9999/tcp"],
   [["revoke-in", "svc-web", "8080/udp"], "svc-web does not accept 8080/udp"],
   [["apply", "--dry-rn"], "unknown option '--dry-rn'"],
+  [["allow-in", "svc-web", "8080"], "svc-web accepts 8080/tcp only from 192.0.2.0/24"],
+  [["allow-in", "svc-web", "8080", "--anywhere", "--from", "10.0.0.0/8"], "contradict"],
+  [[], "Usage: egressctl"],
 ];
 
 for (const [args, fragment] of BAD) {
@@ -140,7 +153,7 @@ test("allow-in widens and narrows sources as asked, and list shows it", async ()
   );
   assert.is(r.exitCode, 0, r.stderr);
   assert.match(r.stdout, "8080/tcp accepts from 192.0.2.0/24, 198.51.100.0/24");
-  r = await run("allow-in", "svc-web", "8080");
+  r = await run("allow-in", "svc-web", "8080", "--anywhere");
   assert.match(r.stdout, "8080/tcp now accepts from anywhere");
   r = await run("allow-in", "svc-web", "8080", "--from", "203.0.113.0/24");
   assert.match(r.stdout, "already accepts from anywhere");
@@ -152,6 +165,240 @@ test("allow-in widens and narrows sources as asked, and list shows it", async ()
   r = await run("revoke-in", "svc-web", "5353/udp");
   assert.is(r.exitCode, 0, r.stderr);
   assert.not.match((await run("list", "svc-web")).stdout, "5353");
+});
+
+/** [args, the exact last two stderr lines: message and hint] — each hint follows from the cause. */
+const HINTS: [string[], string, string][] = [
+  [
+    ["allow", "svc-web", "bad:host:1"],
+    'egressctl: invalid host "bad:host" in "bad:host:1": too many colons; a name cannot contain ":" and HOST:PORT has exactly one',
+    "hint: targets are HOST:PORT[/tcp|/udp] or HOST:LOW-HIGH[/tcp|/udp]; HOST is a name, an IPv4 address or CIDR, or [IPv6] / [IPv6/len]",
+  ],
+  [
+    ["allow", "svc-web", "https://api.example.com:443/"],
+    'egressctl: "https://api.example.com:443/" is a URL, not a target: write HOST:PORT, e.g. api.example.com:443',
+    "hint: targets are HOST:PORT[/tcp|/udp] or HOST:LOW-HIGH[/tcp|/udp]; HOST is a name, an IPv4 address or CIDR, or [IPv6] / [IPv6/len]",
+  ],
+  [
+    ["allow", "svc-web", `${`${"a".repeat(60)}.`.repeat(4)}abcdefghijklmno:443`],
+    `egressctl: invalid domain name "${"a".repeat(40)}…" in "${"a".repeat(40)}…": 259 characters; a domain name is at most 253`,
+    "hint: a domain name is at most 253 characters: labels of 1-63 letters, digits, hyphens and underscores, separated by dots",
+  ],
+  [
+    ["allow", "svc-web", "localhost:5432"],
+    `egressctl: invalid host "localhost" in "localhost:5432": "localhost" is this host's own loopback, which egressd does not look up in DNS`,
+    "hint: allow the loopback address instead: 127.0.0.1:5432 or [::1]:5432",
+  ],
+  [
+    ["allow", "svc-web", "api.example.com:70000"],
+    'egressctl: invalid port "70000" in "api.example.com:70000": ports are 1-65535',
+    "hint: a port is a number from 1 to 65535; a range is LOW-HIGH, e.g. 8000-8100",
+  ],
+  [
+    ["allow-in", "svc-web", "9090", "--from", "10.0.0.1/8"],
+    'egressctl: --from "10.0.0.1/8": invalid address "10.0.0.1/8": host bits are set; the network is 10.0.0.0/8',
+    "hint: --from takes an address or network: 192.0.2.7, 192.0.2.0/24, 2001:db8::7 or 2001:db8::/32 (host bits clear)",
+  ],
+  [
+    ["allow-in", "svc-web", "9090", "--from", "nope"],
+    'egressctl: --from "nope": invalid address "nope": not an IPv4 or IPv6 address',
+    "hint: --from takes an address or network: 192.0.2.7, 192.0.2.0/24, 2001:db8::7 or 2001:db8::/32 (host bits clear)",
+  ],
+  [
+    ["allow-in", "svc-web", "70000"],
+    'egressctl: port "70000": invalid port "70000": ports are 1-65535',
+    "hint: write PORT[/tcp|/udp] or LOW-HIGH[/tcp|/udp], e.g. 8080 or 5353/udp",
+  ],
+  [
+    ["allow-in", "svc-web", "8080"],
+    "egressctl: svc-web accepts 8080/tcp only from 192.0.2.0/24; allow-in without --from would open it to anywhere",
+    "hint: to add sources: egressctl allow-in svc-web 8080/tcp --from <cidr>; to accept from every source: egressctl allow-in svc-web 8080/tcp --anywhere",
+  ],
+];
+
+for (const [args, message, hint] of HINTS) {
+  test(`egressctl ${args.join(" ").slice(0, 60)} explains the actual cause`, async () => {
+    const r = await run(...args);
+    assert.is(r.exitCode, 2, r.stderr);
+    const lines = r.stderr.split("\n");
+    assert.equal(lines.slice(-2), [message, hint]);
+  });
+}
+
+test("a name with an underscore is accepted, as the hint says it may be", async () => {
+  const r = await run("allow", "svc-web", "my_host.example.com:443");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.match(r.stdout, "svc-web: allowed my_host.example.com:443");
+});
+
+test("a user who is not root is told permission is denied, not that another egressctl holds the lock", async () => {
+  chmodSync(dir, 0o755);
+  // A copy the test uid can read wherever the checkout lives (the bundle is self-contained).
+  const ctl = join(dir, "egressctl.js");
+  copyFileSync(EGRESSCTL, ctl);
+  chmodSync(ctl, 0o644);
+  const r = await execa(
+    "setpriv",
+    [
+      "--reuid=2001",
+      "--regid=2001",
+      "--clear-groups",
+      process.execPath,
+      ctl,
+      "--config-dir",
+      dir,
+      "--socket",
+      join(dir, "sock"),
+      "allow",
+      "svc-web",
+      "other.example.test:443",
+    ],
+    { reject: false, stdin: "ignore", timeout: 20_000 },
+  );
+  assert.is(r.exitCode, 3, r.stderr);
+  assert.is(
+    r.stderr,
+    `egressctl: cannot change the policy in ${dir}: permission denied\nhint: the policy belongs to root: run egressctl as root (sudo egressctl ...)`,
+  );
+});
+
+/** Usage errors found by the argument parser, with --json: one object on stdout, exit 2. */
+const USAGE: [string[], string, string][] = [
+  [["frobnicate"], "unknown command 'frobnicate'", "run egressctl --help for usage"],
+  [
+    ["allow", "svc-web"],
+    "missing required argument 'target'",
+    "run egressctl allow --help for usage",
+  ],
+  [["apply", "--dry-rn"], "unknown option '--dry-rn'", "run egressctl apply --help for usage"],
+  [
+    ["register", "svc-two", "--user"],
+    "option '--user <name|uid>' argument missing",
+    "run egressctl register --help for usage",
+  ],
+  [
+    ["register", "svc-two"],
+    "required option '--user <name|uid>' not specified",
+    "run egressctl register --help for usage",
+  ],
+  [[], "no command given", "run egressctl --help for the commands"],
+];
+
+for (const [args, message, hint] of USAGE) {
+  test(`--json ${args.join(" ")} answers with one JSON error object`, async () => {
+    const r = await run("--json", ...args);
+    assert.is(r.exitCode, 2, r.stderr);
+    const out = JSON.parse(r.stdout) as { error: { code: string; message: string; hint: string } };
+    assert.is(out.error.code, "ERR_EGRESS_USAGE");
+    assert.is(out.error.message, message);
+    assert.is(out.error.hint, hint);
+  });
+}
+
+test("--json --version and --json --help answer with JSON too", async () => {
+  const v = JSON.parse((await run("--json", "--version")).stdout) as { version: string };
+  assert.match(v.version, /^\d+\.\d+\.\d+/);
+  const h = JSON.parse((await run("--json", "allow", "--help")).stdout) as { help: string };
+  assert.match(h.help, "Usage: egressctl allow");
+});
+
+test("check reports every problem of a directory with three broken files at once, and changes nothing", async () => {
+  const d = join(dir, "services.d");
+  writeFileSync(
+    join(d, "svc-a.json"),
+    JSON.stringify({
+      name: "svc-a",
+      user: 2101,
+      outbound: [{ host: "a.example.test", port: 443 }],
+    }),
+  );
+  writeFileSync(
+    join(d, "svc-b.json"),
+    JSON.stringify({ name: "svc-b", user: 2102, inbound: [{ ports: "70000" }] }),
+  );
+  writeFileSync(join(d, "svc-c.json"), '{\n  "name": "svc-c",\n  "user": 2103,\n}\n');
+  const before = snapshot();
+  const r = await run("check");
+  assert.is(r.exitCode, 2, r.stderr);
+  assert.is(r.stdout, "");
+  assert.equal(r.stderr.split("\n"), [
+    "egressctl: 3 of 5 file(s) invalid; nothing was changed",
+    `  ${d}/svc-a.json: $.outbound[0].ports: missing required key "ports"`,
+    `  ${d}/svc-a.json: $.outbound[0].port: unknown key "port" (did you mean "ports"? allowed: host, ports, protocol)`,
+    `  ${d}/svc-b.json: $.inbound[0].ports: invalid port "70000": ports are 1-65535`,
+    `  ${d}/svc-c.json: not valid JSON at line 4, column 1: expected a key in double quotes (or a "}" with no comma before it) (found "}")`,
+    "hint: fix each problem at the file and JSON path shown, then run egressctl check again",
+  ]);
+  assert.is(snapshot(), before);
+});
+
+test("check --json gives each problem as file, JSON path and text", async () => {
+  writeFileSync(join(dir, "egressd.json"), JSON.stringify({ audit: { schedule: "every day" } }));
+  const r = await run("--json", "check", dir);
+  assert.is(r.exitCode, 2);
+  const out = JSON.parse(r.stdout) as {
+    error: {
+      code: string;
+      details: { problems: unknown[]; files: { file: string; valid: boolean }[] };
+    };
+  };
+  assert.is(out.error.code, "ERR_EGRESS_CHECK");
+  assert.equal(out.error.details.problems, [
+    {
+      file: join(dir, "egressd.json"),
+      path: "$.audit.schedule",
+      text: '"every day" is not a cron expression, e.g. "*/5 * * * *"',
+    },
+  ]);
+  assert.equal(
+    out.error.details.files.map((f) => [f.file.slice(dir.length), f.valid]),
+    [
+      ["/egressd.json", false],
+      ["/services.d/svc-db.json", true],
+      ["/services.d/svc-web.json", true],
+    ],
+  );
+});
+
+test("check passes valid files with exit 0, and checks across files: two services may not share a uid", async () => {
+  let r = await run("check");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.is(
+    r.stdout,
+    `ok  ${dir}/services.d/svc-db.json (service svc-db)\nok  ${dir}/services.d/svc-web.json (service svc-web)\n2 file(s) valid; nothing was changed`,
+  );
+  const extra = join(dir, "extra");
+  mkdirSync(extra);
+  writeFileSync(join(extra, "svc-x.json"), JSON.stringify({ name: "svc-x", user: 2001 }));
+  r = await run("check", join(dir, "services.d", "svc-web.json"), join(extra, "svc-x.json"));
+  assert.is(r.exitCode, 2);
+  assert.match(
+    r.stderr,
+    `${extra}/svc-x.json: $.user: uid 2001 is already the user of service svc-web: each service needs its own user`,
+  );
+});
+
+test("check --kind config validates a temporary file (an Ansible validate run) as egressd.json", async () => {
+  const tmp = join(dir, "ansible.tmp1234");
+  writeFileSync(tmp, JSON.stringify({ refresh: { graceSeconds: 60 } }));
+  assert.is((await run("check", "--kind", "config", tmp)).exitCode, 0);
+  // Read as a service policy, the same file lacks name and user.
+  const r = await run("check", tmp);
+  assert.is(r.exitCode, 2);
+  assert.match(r.stderr, `${tmp}: $.name: missing required key "name"`);
+});
+
+test("check warns about a user that does not exist, but passes", async () => {
+  writeFileSync(
+    join(dir, "services.d", "svc-new.json"),
+    JSON.stringify({ name: "svc-new", user: "no-such-user-egt" }),
+  );
+  const r = await run("check");
+  assert.is(r.exitCode, 0, r.stderr);
+  assert.match(
+    r.stderr,
+    `warning: ${dir}/services.d/svc-new.json: $.user: user "no-such-user-egt" does not exist on this host: egressd refuses the policy until it does`,
+  );
 });
 
 test("--json gives errors as data with a stable code", async () => {
@@ -185,11 +432,19 @@ test("a misspelt key in egressd.json is rejected, not ignored", async () => {
   assert.match(r.stderr, '$.refresh.maxTTLSeconds: unknown key "maxTTLSeconds"');
 });
 
-test("invalid JSON is reported with the file name", async () => {
-  writeFileSync(join(dir, "services.d", "svc-web.json"), "{ not json");
+test("invalid JSON is reported with the file name, line and column", async () => {
+  writeFileSync(join(dir, "services.d", "svc-web.json"), '{\n  "name": "svc-web",\n  "user": }\n');
   const r = await run("list");
   assert.is(r.exitCode, 2);
-  assert.match(r.stderr, `${join(dir, "services.d", "svc-web.json")}: not valid JSON`);
+  assert.match(
+    r.stderr,
+    `${join(dir, "services.d", "svc-web.json")}: not valid JSON at line 3, column 11: expected a value (a string, number, object, array, true, false or null) (found "}")`,
+  );
+  const one = await run("list", "svc-web");
+  assert.match(
+    one.stderr,
+    "hint: fix the JSON syntax at the place shown; JSON has no comments and no comma after the last entry",
+  );
 });
 
 test("when nft cannot run, apply exits 3 and says what to install", async () => {
@@ -282,6 +537,7 @@ test("--help works for every command and --version prints the version", async ()
     "status",
     "refresh",
     "apply",
+    "check",
   ]) {
     const r = await run(c, "--help");
     assert.is(r.exitCode, 0);

@@ -123,6 +123,39 @@ test("semantic problems name the path too: bad host, bad CIDR, bad port, wrong f
   assert.match(text, "$.inbound[0].from[0]");
 });
 
+test("a misspelt key names the key it most likely meant and every allowed one", () => {
+  const config = problemsOf(() =>
+    validateConfig({ refresh: { maxTTLSeconds: 60 } }, "/etc/egressd/egressd.json"),
+  );
+  assert.equal(
+    config.map((p) => p.text),
+    [
+      'unknown key "maxTTLSeconds" (did you mean "maxTtlSeconds"? allowed: minTtlSeconds, maxTtlSeconds, graceSeconds, maxAddressesPerName, allowPrivateAddresses)',
+    ],
+  );
+  const service = problemsOf(() =>
+    validateService(
+      { name: "svc-web", user: 2001, outbound: [{ host: "a.example", ports: "443", prot: "tcp" }] },
+      FILE,
+    ),
+  );
+  assert.equal(
+    service.map((p) => p.text),
+    ['unknown key "prot" (did you mean "protocol"? allowed: host, ports, protocol)'],
+  );
+});
+
+test("a policy file that names root as user or group is rejected, as register refuses it", () => {
+  const problems = problemsOf(() =>
+    validateService({ name: "svc-web", user: "root", group: 0 }, FILE),
+  );
+  assert.equal(
+    problems.map((p) => p.where),
+    [`${FILE}: $.user`, `${FILE}: $.group`],
+  );
+  assert.match(problems[0]?.text ?? "", '"root" is root: root can remove any firewall');
+});
+
 test("the daemon config takes SPEC §3's example and fills defaults for what is missing", () => {
   const c = validateConfig(
     {

@@ -1,6 +1,15 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { formatTarget, parseTarget } from "../../rules/target.ts";
+import {
+  ADDRESS_HINT,
+  DOMAIN_HINT,
+  formatTarget,
+  parseHost,
+  parseTarget,
+  PORT_HINT,
+  PROTOCOL_HINT,
+  TARGET_HINT,
+} from "../../rules/target.ts";
 
 const test = suite("targets");
 
@@ -21,6 +30,8 @@ const valid: [string, { host: string; ports: string; protocol: string }][] = [
   ["[2001:DB8:0:0::1]:443/tcp", { host: "2001:db8::1", ports: "443", protocol: "tcp" }],
   ["[2001:db8::/32]:443", { host: "2001:db8::/32", ports: "443", protocol: "tcp" }],
   ["a.b:1-65535", { host: "a.b", ports: "1-65535", protocol: "tcp" }],
+  // Underscores occur in real DNS names (_dmarc, service records), so names may carry them.
+  ["my_host.example.com:443", { host: "my_host.example.com", ports: "443", protocol: "tcp" }],
   ["x-1.example.test:7-7", { host: "x-1.example.test", ports: "7", protocol: "tcp" }],
 ];
 
@@ -58,7 +69,7 @@ const invalid: [string, string][] = [
   ["api.*.example.com:443", 'a wildcard is "*." followed by a domain'],
   ["*.*.example.com:443", 'a wildcard is "*." followed by a domain'],
   ["*.com:443", "write the fully qualified name"],
-  ["localhost:443", "fully qualified"],
+  ["db:5432", "write the fully qualified name, e.g. db.example.com"],
   ["exa_mple..com:443", "invalid domain name"],
   ["-bad.example.com:443", "invalid domain name"],
   ["1.2.3:443", 'invalid address "1.2.3"'],
@@ -85,5 +96,84 @@ for (const [text, fragment] of invalid) {
     if ("error" in got) assert.match(got.error, fragment);
   });
 }
+
+const LONG = `${"a".repeat(60)}.`.repeat(4) + "abcdefghijklmno"; // 259 characters
+
+/** [input, the exact error, the exact hint]: the hint follows from the part that failed. */
+const explained: [string, string, string][] = [
+  [
+    "bad:host:1",
+    'invalid host "bad:host" in "bad:host:1": too many colons; a name cannot contain ":" and HOST:PORT has exactly one',
+    TARGET_HINT,
+  ],
+  [
+    "https://api.example.com:443/",
+    '"https://api.example.com:443/" is a URL, not a target: write HOST:PORT, e.g. api.example.com:443',
+    TARGET_HINT,
+  ],
+  [
+    "https://api.example.com/v1",
+    '"https://api.example.com/v1" is a URL, not a target: write HOST:PORT, e.g. api.example.com:443',
+    TARGET_HINT,
+  ],
+  [
+    "2001:db8::1:443",
+    'unbracketed IPv6 address "2001:db8::1" in "2001:db8::1:443": write it in brackets, e.g. [2001:db8::1]:443',
+    TARGET_HINT,
+  ],
+  [
+    `${LONG}:443`,
+    `invalid domain name "${"a".repeat(40)}…" in "${"a".repeat(40)}…": 259 characters; a domain name is at most 253`,
+    DOMAIN_HINT,
+  ],
+  [
+    `${"a".repeat(64)}.com:443`,
+    `invalid domain name "${"a".repeat(40)}…" in "${"a".repeat(40)}…": the label "${"a".repeat(64)}" is 64 characters; labels are at most 63`,
+    DOMAIN_HINT,
+  ],
+  [
+    "localhost:5432",
+    'invalid host "localhost" in "localhost:5432": "localhost" is this host\'s own loopback, which egressd does not look up in DNS',
+    "allow the loopback address instead: 127.0.0.1:5432 or [::1]:5432",
+  ],
+  [
+    "exa_mple..com:443",
+    'invalid domain name "exa_mple..com" in "exa_mple..com:443": an empty label (two dots in a row, or a leading dot)',
+    DOMAIN_HINT,
+  ],
+  [
+    "bad host.example.com:443",
+    'invalid domain name "bad host.example.com" in "bad host.example.com:443": " " is not allowed in a domain name',
+    DOMAIN_HINT,
+  ],
+  ["api.example.com:0", 'invalid port "0" in "api.example.com:0": ports are 1-65535', PORT_HINT],
+  [
+    "api.example.com:443/icmp",
+    'invalid protocol "icmp" in "api.example.com:443/icmp": use tcp or udp',
+    PROTOCOL_HINT,
+  ],
+  [
+    "1.2.3:443",
+    'invalid address "1.2.3" in "1.2.3:443": not an IPv4 or IPv6 address',
+    ADDRESS_HINT,
+  ],
+];
+
+for (const [text, error, hint] of explained) {
+  test(`"${text.slice(0, 40)}" is rejected with a message and a hint about what failed`, () => {
+    assert.equal(parseTarget(text), { error, hint });
+  });
+}
+
+test("the domain-name hint lists underscores, as the parser accepts them", () => {
+  assert.match(DOMAIN_HINT, "letters, digits, hyphens and underscores");
+  assert.equal(parseHost("_dmarc.example.com"), { kind: "domain", name: "_dmarc.example.com" });
+});
+
+test("a policy file's host of localhost suggests the loopback addresses", () => {
+  const r = parseHost("localhost");
+  assert.ok("error" in r);
+  if ("error" in r) assert.is(r.hint, "allow the loopback address instead: 127.0.0.1 or ::1");
+});
 
 test.run();
