@@ -2,8 +2,14 @@
  * One-shot apply: gather inputs (policy, users, DNS), call the pure compiler, and hand the
  * result to nft as one transaction. Used by `egressctl apply` and `egressd --once`.
  */
-import { compile, domainAllowances, nameMatcher, type ServiceInput } from "../rules/compile.ts";
-import { diff, type Finding } from "../rules/diff.ts";
+import {
+  compile,
+  domainAllowances,
+  nameMatcher,
+  nameSetNames,
+  type ServiceInput,
+} from "../rules/compile.ts";
+import { auditDiff, type Finding } from "../rules/diff.ts";
 import { invalid, type Problem } from "../rules/errors.ts";
 import { parseLive } from "../rules/live.ts";
 import { ROOT_REASON, type DaemonConfig, type ServicePolicy } from "../rules/policy.ts";
@@ -160,6 +166,10 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
   );
   const learned = LearnedTable.fromJSON(saved?.learned, config.refresh, {
     matchers,
+    sets: (svc) => {
+      const p = policies.find((x) => x.name === svc);
+      return p ? nameSetNames(p) : new Set();
+    },
     now,
     file,
     hostAddresses: host,
@@ -196,6 +206,7 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
     }),
     resolutions,
     learned: learned.table.all(now),
+    adopted: new Map([...matchers.keys()].map((s) => [s, learned.table.adoptedOf(s, now)])),
   });
   const names: NameReport[] = table.list().map((name) => {
     const st = table.get(name);
@@ -253,7 +264,7 @@ export async function pendingChanges(
   ruleset: Ruleset,
   now = Date.now(),
 ): Promise<Finding[]> {
-  return diff(parseLive(await nft.listTable(ruleset.table), ruleset.table, now), ruleset);
+  return auditDiff(parseLive(await nft.listTable(ruleset.table), ruleset.table, now), ruleset, now);
 }
 
 const ONE_SHOT = { slackMs: 0, marginMs: DEFAULT_MARGIN_MS };
@@ -297,7 +308,7 @@ export async function auditTable(
   now = Date.now(),
 ): Promise<{ findings: Finding[]; repaired: boolean; remaining: Finding[] }> {
   const live = parseLive(await nft.listTable(desired.table), desired.table, now);
-  const findings = diff(live, desired);
+  const findings = auditDiff(live, desired, now);
   if (!repair || !findings.length) return { findings, repaired: false, remaining: findings };
   const r = reconcile(live, desired, { now, ...ONE_SHOT });
   await nft.apply({ nftables: r.commands });

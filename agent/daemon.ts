@@ -16,6 +16,7 @@ import {
   compile,
   domainAllowances,
   nameMatcher,
+  nameSetNames,
   nameSetsFor,
   serviceNameSets,
   serviceObject,
@@ -24,7 +25,7 @@ import {
   type ServiceInput,
 } from "../rules/compile.ts";
 import { checkInboundOverlap } from "../rules/inbound.ts";
-import { diff, type Finding } from "../rules/diff.ts";
+import { auditDiff, diff, type Finding } from "../rules/diff.ts";
 import { parseLive } from "../rules/live.ts";
 import { EgressError } from "../rules/errors.ts";
 import type { NameMatcher } from "../rules/name-match.ts";
@@ -128,6 +129,7 @@ export class Daemon {
   private readonly pendingLearned = new Set<string>();
   private waiters: { resolve: () => void; reject: (e: unknown) => void }[] = [];
   private flushing: Promise<void> | null = null;
+  private saveTimer: NodeJS.Timeout | null = null;
   readonly startedAt: number;
   lastApply: ApplySummary | null = null;
   lastError: { code: string; message: string; at: number } | null = null;
@@ -196,6 +198,7 @@ export class Daemon {
       const now = this.deps.clock();
       try {
         this.applied = parseLive(await this.deps.nft.listTable(table), table, now);
+        this.adoptLive(now);
       } catch (err) {
         log.warn({ err: String(err) }, "could not list the live table; replacing it whole");
         this.applied = null;
@@ -232,6 +235,10 @@ export class Daemon {
     });
     const learned = LearnedTable.fromJSON(this.saved?.learned, l.config.refresh, {
       matchers: l.matchers,
+      sets: (svc) => {
+        const p = l.policies.find((x) => x.name === svc);
+        return p ? nameSetNames(p) : new Set();
+      },
       now,
       file,
       hostAddresses: host,
@@ -403,7 +410,37 @@ export class Daemon {
       services: this.inputs(),
       resolutions: (this.names as NameTable).snapshot(now),
       learned: (this.learned as LearnedTable).all(now),
+      adopted: this.adopted(now),
     });
+  }
+
+  /** Timed elements adopted from the kernel at start-up, by service and set. */
+  private adopted(now: number): Map<string, Map<string, Map<string, number>>> {
+    const learned = this.learned as LearnedTable;
+    return new Map(
+      [...(this.loaded as Loaded).matchers.keys()].map((s) => [s, learned.adoptedOf(s, now)]),
+    );
+  }
+
+  /**
+   * Keeps the timed elements the kernel holds in DNS-aware services' name sets, so a restart
+   * (even after a crash, with a state file older than the table) loses nothing learned. What
+   * does not pass the filter now, or lives longer than maxTtl + grace, is not kept.
+   */
+  private adoptLive(now: number): void {
+    const l = this.loaded as Loaded;
+    const learned = this.learned as LearnedTable;
+    const latest = now + (l.config.refresh.maxTtlSeconds + l.config.refresh.graceSeconds) * 1000;
+    for (const policy of l.policies) {
+      if (policy.dns !== "proxy") continue;
+      for (const name of nameSetNames(policy)) {
+        const set = this.applied?.sets.find((x) => x.name === name);
+        for (const [address, until] of Object.entries(set?.expires ?? {})) {
+          if (until <= now || until > latest || this.filter([address]).dropped.length) continue;
+          learned.adopt(policy.name, name, address, until);
+        }
+      }
+    }
   }
 
   /** What `reload` would change in the kernel, using the addresses known now (new names count as unresolved). */
@@ -690,12 +727,14 @@ export class Daemon {
     for (const name of services) {
       const svc = inputs.get(name);
       if (!svc) continue;
-      for (const s of serviceNameSets(
+      const learned = this.learned as LearnedTable;
+      const sets = serviceNameSets(
         svc,
         resolutions,
-        (this.learned as LearnedTable).of(name, now),
-      ))
-        replaced.set(s.name, s);
+        learned.of(name, now),
+        learned.adoptedOf(name, now),
+      );
+      for (const s of sets) replaced.set(s.name, s);
     }
     if ([...replaced.keys()].some((n) => !this.applied?.sets.some((s) => s.name === n))) {
       // The service's sets are not in the kernel yet (a change not applied yet): a full commit.
@@ -719,7 +758,17 @@ export class Daemon {
     }
     if (r.kind !== "none")
       this.deps.log.debug({ services, changes: r.changes }, "learned addresses applied");
+    this.saveSoon();
     this.schedule();
+  }
+
+  /** Saves state within a second (proxy transactions can come many per second). */
+  private saveSoon(): void {
+    if (this.saveTimer) return;
+    this.saveTimer = setTimeout(() => {
+      this.saveTimer = null;
+      void this.saveState();
+    }, 1000);
   }
 
   // ------------------------------------------------------------------ resolution
@@ -913,31 +962,15 @@ export class Daemon {
       const { log, clock, nft } = this.deps;
       const table = this.loaded.config.table;
       const listed = async () => parseLive(await nft.listTable(table), table, clock());
-      const wanted = () => {
-        const now = clock();
-        const d = this.desired(now);
-        return { ...d, sets: d.sets.map((s) => settled(s, now + DEFAULT_MARGIN_MS)) };
-      };
       const live = await listed();
-      const findings = diff(
-        live
-          ? { ...live, sets: live.sets.map((s) => settled(s, clock() + DEFAULT_MARGIN_MS)) }
-          : null,
-        wanted(),
-      );
+      const findings = auditDiff(live, this.desired(clock()), clock());
       let remaining = findings;
       let repaired = false;
       if (repair && findings.length) {
         const r = reconcile(live, this.desired(clock()), this.reconcileOptions(clock()));
         await this.send(r);
         repaired = true;
-        const again = await listed();
-        remaining = diff(
-          again
-            ? { ...again, sets: again.sets.map((s) => settled(s, clock() + DEFAULT_MARGIN_MS)) }
-            : null,
-          wanted(),
-        );
+        remaining = auditDiff(await listed(), this.desired(clock()), clock());
       }
       const record: AuditRecord = { at: clock(), findings, repaired, remaining: remaining.length };
       this.lastAudit = record;
@@ -1068,17 +1101,12 @@ export class Daemon {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
-    await this.queue;
     await this.deps.proxies?.closeAll();
+    await this.queue;
+    if (this.saveTimer) {
+      clearTimeout(this.saveTimer);
+      this.saveTimer = null;
+      if (this.loaded) await this.saveState();
+    }
   }
-}
-
-/** A set without the timed elements that expire before `at` (they may be gone already). */
-function settled(s: SetDef, at: number): SetDef {
-  if (!s.expires) return s;
-  const exp = s.expires;
-  return {
-    ...s,
-    elem: s.elem.filter((e) => typeof e !== "string" || exp[e] === undefined || exp[e] > at),
-  };
 }

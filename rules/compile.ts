@@ -65,6 +65,8 @@ export interface CompileInput {
   resolutions: ReadonlyMap<string, readonly string[]>;
   /** What each service's DNS proxy learned, already filtered; absent: nothing. */
   learned?: ReadonlyMap<string, Learned>;
+  /** Timed elements kept by set name (found in the kernel, not explained by a name), per service. */
+  adopted?: ReadonlyMap<string, ReadonlyMap<string, ReadonlyMap<string, number>>>;
 }
 
 export const BASE_CHAIN = "output";
@@ -248,6 +250,7 @@ function nameSets(
   svc: ServiceInput,
   resolutions: CompileInput["resolutions"],
   learned: Learned | undefined,
+  adopted?: ReadonlyMap<string, ReadonlyMap<string, number>>,
 ): { sets: SetDef[]; rules: Expr[][] } {
   const sets: SetDef[] = [];
   const rules: Expr[][] = [];
@@ -266,6 +269,10 @@ function nameSets(
           if (familyOf(a) !== family || permanent.has(a)) continue;
           expires[a] = Math.max(expires[a] ?? 0, until);
         }
+      }
+      for (const [a, until] of adopted?.get(name) ?? []) {
+        if (familyOf(a) !== family || permanent.has(a)) continue;
+        expires[a] = Math.max(expires[a] ?? 0, until);
       }
       sets.push({
         name,
@@ -287,8 +294,17 @@ export function serviceNameSets(
   svc: ServiceInput,
   resolutions: CompileInput["resolutions"],
   learned: Learned | undefined,
+  adopted?: ReadonlyMap<string, ReadonlyMap<string, number>>,
 ): SetDef[] {
-  return nameSets(svc, resolutions, learned).sets;
+  return nameSets(svc, resolutions, learned, adopted).sets;
+}
+
+/** The names of a service's name sets. */
+export function nameSetNames(policy: ServicePolicy): Set<string> {
+  const out = new Set<string>();
+  for (const c of portClasses(policy))
+    for (const f of [4, 6] as const) out.add(nameSet(policy.name, c.protocol, c.ports, f));
+  return out;
 }
 
 /** The name sets of `policy` that an address learned for `name` goes into, by family. */
@@ -306,6 +322,7 @@ function serviceChain(
   svc: ServiceInput,
   resolutions: CompileInput["resolutions"],
   learned: Learned | undefined,
+  adopted?: ReadonlyMap<string, ReadonlyMap<string, number>>,
 ): { chain: ChainDef; sets: SetDef[] } {
   const { policy } = svc;
   const names = serviceSets(policy.name);
@@ -321,7 +338,7 @@ function serviceChain(
     sets.push(concatSet(name, family, literal[family]));
     rules.push(allowRule(family, name));
   }
-  const byName = nameSets(svc, resolutions, learned);
+  const byName = nameSets(svc, resolutions, learned, adopted);
   sets.push(...byName.sets);
   rules.push(...byName.rules);
   const obj = serviceObject(policy.name);
@@ -493,7 +510,12 @@ export function compile(input: CompileInput): Ruleset {
     gidPorts: [] as unknown[],
   };
   for (const svc of services) {
-    const built = serviceChain(svc, input.resolutions, input.learned?.get(svc.policy.name));
+    const built = serviceChain(
+      svc,
+      input.resolutions,
+      input.learned?.get(svc.policy.name),
+      input.adopted?.get(svc.policy.name),
+    );
     const inbound = inboundParts(svc);
     chains.push(built.chain, ...inbound.chains);
     sets.push(...built.sets, ...inbound.sets);

@@ -114,6 +114,40 @@ function diffElements(object: string, live: SetDef, want: SetDef, out: Finding[]
     out.push({ kind: "element-extra", object, found: elemText(e) });
 }
 
+/**
+ * The audit's comparison: like `diff`, but an element with a lifetime that ends within
+ * `marginMs` of `now`, on either side, is left out of it (the kernel may drop it any moment, and
+ * its listed expiry is rounded to the second). Remaining lifetimes are never drift.
+ */
+export function auditDiff(
+  live: Ruleset | null,
+  desired: Ruleset,
+  now: number,
+  marginMs = 3000,
+): Finding[] {
+  const soon = now + marginMs;
+  const ending = new Map<string, Set<string>>();
+  for (const r of [live, desired]) {
+    for (const s of r?.sets ?? []) {
+      for (const [e, t] of Object.entries(s.expires ?? {})) {
+        if (t > soon) continue;
+        const set = ending.get(s.name) ?? new Set<string>();
+        set.add(e);
+        ending.set(s.name, set);
+      }
+    }
+  }
+  if (!ending.size) return diff(live, desired);
+  const trim = (r: Ruleset): Ruleset => ({
+    ...r,
+    sets: r.sets.map((s) => {
+      const drop = ending.get(s.name);
+      return drop ? { ...s, elem: s.elem.filter((e) => typeof e !== "string" || !drop.has(e)) } : s;
+    }),
+  });
+  return diff(live && trim(live), trim(desired));
+}
+
 /** Everything that differs between the live table (null: absent) and the desired one. */
 export function diff(live: Ruleset | null, desired: Ruleset): Finding[] {
   return differences(live, desired).map((f) => (opens(f) ? { ...f, opens: true } : f));

@@ -20,6 +20,12 @@ interface Entry {
 
 export class LearnedTable {
   private readonly services = new Map<string, Map<string, Map<string, Entry>>>();
+  /**
+   * Timed elements found in the kernel at start-up that the saved state does not explain (it
+   * was older than the kernel's table: a crash between a proxy transaction and the next save).
+   * They are kept, by set, until they expire: a restart loses nothing a client may still use.
+   */
+  private readonly adopted = new Map<string, Map<string, Map<string, number>>>();
   private host: ReadonlySet<string> = new Set();
 
   constructor(private settings: RefreshSettings) {}
@@ -41,6 +47,15 @@ export class LearnedTable {
         if (!addrs.size) names.delete(name);
       }
     }
+    for (const sets of this.adopted.values())
+      for (const [set, m] of sets)
+        for (const a of [...m.keys()]) {
+          const why = this.reason(a);
+          if (why) {
+            m.delete(a);
+            pruned.push({ name: `(${set})`, address: a, reason: why });
+          }
+        }
     return pruned;
   }
 
@@ -87,8 +102,29 @@ export class LearnedTable {
     for (const [a] of evictable.slice(0, addrs.size - max)) addrs.delete(a);
   }
 
+  /** Keeps a timed element the kernel holds in `set` of `service` (already filtered). */
+  adopt(service: string, set: string, address: string, expires: number): void {
+    let sets = this.adopted.get(service);
+    if (!sets) this.adopted.set(service, (sets = new Map()));
+    let m = sets.get(set);
+    if (!m) sets.set(set, (m = new Map()));
+    m.set(address, Math.max(m.get(address) ?? 0, expires));
+  }
+
+  /** Adopted elements of `service` still alive at `now`, by set. */
+  adoptedOf(service: string, now: number): Map<string, Map<string, number>> {
+    const out = new Map<string, Map<string, number>>();
+    for (const [set, m] of this.adopted.get(service) ?? []) {
+      const live = new Map([...m].filter(([, t]) => t > now));
+      if (live.size) out.set(set, live);
+    }
+    return out;
+  }
+
   /** Keeps only services and names still allowed (`matcher` per DNS-aware service). */
   retain(matchers: ReadonlyMap<string, NameMatcher>): void {
+    for (const service of [...this.adopted.keys()])
+      if (!matchers.has(service)) this.adopted.delete(service);
     for (const [service, names] of this.services) {
       const m = matchers.get(service);
       if (!m) {
@@ -101,6 +137,13 @@ export class LearnedTable {
 
   /** Forgets what has expired. */
   prune(now: number): void {
+    for (const [service, sets] of this.adopted) {
+      for (const [set, m] of sets) {
+        for (const [a, t] of m) if (t <= now) m.delete(a);
+        if (!m.size) sets.delete(set);
+      }
+      if (!sets.size) this.adopted.delete(service);
+    }
     for (const [service, names] of this.services) {
       for (const [name, addrs] of names) {
         for (const [a, e] of addrs) if (e.expires <= now) addrs.delete(a);
@@ -150,13 +193,21 @@ export class LearnedTable {
     return next === Infinity ? null : next;
   }
 
-  /** For the state file: service -> name -> address -> [expires, answered]. */
+  /**
+   * For the state file: service -> name -> address -> [expires, answered]. Adopted elements go
+   * under "@<set name>" instead of a name.
+   */
   toJSON(): Record<string, Record<string, Record<string, [number, number]>>> {
     const out: Record<string, Record<string, Record<string, [number, number]>>> = {};
     for (const [service, names] of this.services) {
       const n: Record<string, Record<string, [number, number]>> = (out[service] = {});
       for (const [name, addrs] of names)
         n[name] = Object.fromEntries([...addrs].map(([a, e]) => [a, [e.expires, e.answered]]));
+    }
+    for (const [service, sets] of this.adopted) {
+      const n = (out[service] ??= {});
+      for (const [set, m] of sets)
+        n[`@${set}`] = Object.fromEntries([...m].map(([a, t]) => [a, [t, 0]]));
     }
     return out;
   }
@@ -171,6 +222,8 @@ export class LearnedTable {
     settings: RefreshSettings,
     opts: {
       matchers: ReadonlyMap<string, NameMatcher>;
+      /** The name sets each DNS-aware service has (for adopted entries). */
+      sets?: (service: string) => ReadonlySet<string>;
       now: number;
       file: string;
       hostAddresses?: ReadonlySet<string>;
@@ -194,7 +247,12 @@ export class LearnedTable {
       }
       for (const [name, addrs] of Object.entries(obj(names))) {
         const where = `${file}: learned["${service}"]["${name}"]`;
-        if (!matcher.matches(name)) {
+        const set = name.startsWith("@") ? name.slice(1) : null;
+        if (set !== null && !opts.sets?.(service).has(set)) {
+          problems.push({ where, text: `${set} is not a name set of ${service}; left out` });
+          continue;
+        }
+        if (set === null && !matcher.matches(name)) {
           problems.push({ where, text: `${service} may not look up ${name}; left out` });
           continue;
         }
@@ -213,6 +271,10 @@ export class LearnedTable {
               where,
               text: `${c?.address} expires ${new Date(expires).toISOString()}, later than maxTtlSeconds + graceSeconds from now; left out`,
             });
+            continue;
+          }
+          if (set !== null) {
+            t.adopt(service, set, c?.address as string, expires);
             continue;
           }
           let n = t.services.get(service);

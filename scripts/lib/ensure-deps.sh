@@ -15,15 +15,16 @@ command -v ip >/dev/null || need+=(ip)
 command -v setpriv >/dev/null || need+=(setpriv)
 command -v getent >/dev/null || need+=(getent)
 command -v useradd >/dev/null || need+=(useradd)
+command -v conntrack >/dev/null || need+=(conntrack)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing system packages for: ${need[*]}"
   if command -v apt-get >/dev/null; then
     [ -n "${EGRESSD_APT_UPDATED:-}" ] || apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 util-linux libc-bin passwd >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 util-linux libc-bin passwd conntrack >/dev/null
   elif command -v dnf >/dev/null; then
-    dnf install -y -q nftables iproute util-linux glibc-common shadow-utils
+    dnf install -y -q nftables iproute util-linux glibc-common shadow-utils conntrack-tools
   else
-    echo "install nftables, iproute2, util-linux (setpriv) and shadow utilities (useradd), then retry" >&2
+    echo "install nftables, iproute2, util-linux (setpriv), shadow utilities (useradd) and conntrack, then retry" >&2
     exit 3
   fi
 fi

@@ -55,7 +55,7 @@ export async function fixtures(): Promise<{ peer: string; probe: string }> {
 }
 
 export interface Listen {
-  proto: "tcp" | "udp";
+  proto: "tcp" | "udp" | "tcp-echo";
   host: string;
   port: number;
 }
@@ -73,16 +73,33 @@ export type Records = Record<
     rcodes?: { A?: Rcode; AAAA?: Rcode };
     truncate?: boolean;
     tcp?: "stall";
+    /** Answer with one address of the list per query, the next one each time. */
+    rotate?: boolean;
+    /** An HTTPS record (type 65) with these address hints. */
+    HTTPS?: { ipv4hint?: string[]; ipv6hint?: string[] };
+    TXT?: string;
   }
 >;
 
+/** One thing test/fixtures/probe.ts tries; see there for what each answers. */
 export interface Attempt {
-  proto: "tcp" | "udp" | "dns" | "tcp-rate" | "lookup";
+  proto: "tcp" | "udp" | "dns" | "tcp-rate" | "lookup" | "resolve" | "resolve-connect" | "hold";
   host: string;
   port: number;
   name?: string;
+  /** Local address to connect from. */
   source?: string;
   timeoutMs?: number;
+  /** resolve, resolve-connect: the record type (A by default) and transport (udp by default). */
+  qtype?: "A" | "AAAA" | "HTTPS" | "TXT";
+  transport?: "udp" | "tcp";
+  /** resolve: the local port to send from (the same flow each time). */
+  sourcePort?: number;
+  /** resolve-connect: the port to connect to on the answer, and how many rounds. */
+  connectPort?: number;
+  count?: number;
+  /** hold: how long to keep the connection open before checking it still carries data. */
+  holdMs?: number;
 }
 
 export interface ProbeResult {
@@ -386,6 +403,19 @@ export class Sandbox {
     return r?.result ?? "none";
   }
 
+  get dnsLogFile(): string {
+    return join(this.dir, "dns-queries.log");
+  }
+
+  /** Every question the DNS server was asked so far: "name TYPE" lines. */
+  dnsLog(): string[] {
+    try {
+      return readFileSync(this.dnsLogFile, "utf8").trim().split("\n").filter(Boolean);
+    } catch {
+      return [];
+    }
+  }
+
   setRecords(records: Records): void {
     const tmp = `${this.recordsFile}.tmp`;
     writeFileSync(tmp, JSON.stringify(records));
@@ -426,7 +456,9 @@ export class Sandbox {
     const { peer } = await fixtures();
     const spec = {
       listen,
-      ...(dns ? { dns: { host: "127.0.0.1", port: 53, records: this.recordsFile } } : {}),
+      ...(dns
+        ? { dns: { host: "127.0.0.1", port: 53, records: this.recordsFile, log: this.dnsLogFile } }
+        : {}),
     };
     const child = spawn("ip", ["netns", "exec", ns, process.execPath, peer, JSON.stringify(spec)], {
       stdio: ["pipe", "pipe", "inherit"],
