@@ -14,7 +14,7 @@ import { applyPlan, plan } from "./apply.ts";
 import { serveControl, type Request } from "./control/control.sock.ts";
 import { Daemon } from "./daemon.ts";
 import { dnsResolver } from "./dns/dns.client.ts";
-import { execNft } from "./nft/nft.exec.ts";
+import { defaultNft } from "./nft/index.ts";
 import { egressdProgram } from "./egressd-program.ts";
 import { paths, VERSION, type GlobalOptions } from "./paths.ts";
 import { StateStore } from "./store/state.fs.ts";
@@ -39,7 +39,7 @@ async function once(g: GlobalOptions): Promise<number> {
   const deps = {
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
-    nft: execNft(),
+    nft: defaultNft(),
     users: systemUsers(),
   };
   try {
@@ -102,7 +102,7 @@ async function daemon(g: GlobalOptions): Promise<number> {
   const d = new Daemon({
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
-    nft: execNft(),
+    nft: defaultNft(),
     users: systemUsers(),
     resolver: (servers) => dnsResolver(servers),
     clock: Date.now,
