@@ -1,20 +1,14 @@
 /** egressctl's command handlers: each gathers inputs, calls the pure parts, and returns data. */
-import {
-  applyPlan,
-  auditTable,
-  pendingChanges,
-  plan,
-  resolvePrincipals,
-  type Deps,
-  type Plan,
-} from "../agent/apply.ts";
-import { checkDistinctOwners } from "../rules/compile.ts";
+import type { Deps, Plan } from "../agent/apply.ts";
 import type { Call } from "../agent/control/control.sock.ts";
 import type { ApplySummary } from "../agent/daemon.ts";
 import type { Finding } from "../rules/diff.ts";
 import { EgressError, invalid, type ExitCode, type Problem } from "../rules/errors.ts";
 import { SERVICE_NAME, type Mode, type ServicePolicy } from "../rules/policy.ts";
 import { formatTarget, parseTarget, type OutboundRule } from "../rules/target.ts";
+
+/** The one-shot path (compiler, DNS client, nft), loaded only by commands that need it. */
+const oneShot = () => import("../agent/apply.ts");
 
 export interface Result {
   exitCode: ExitCode;
@@ -180,6 +174,10 @@ export async function register(
       inbound: existing?.inbound ?? [],
     };
     const others = (await ctx.store.loadServices()).filter((p) => p.name !== service);
+    const [{ resolvePrincipals }, { checkDistinctOwners }] = await Promise.all([
+      oneShot(),
+      import("../rules/compile.ts"),
+    ]);
     checkDistinctOwners(
       await resolvePrincipals([...others, policy], ctx.users, (n) => ctx.store.serviceFile(n)),
     );
@@ -371,6 +369,7 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
       data: { dryRun: false, daemon: true, ...r },
     };
   }
+  const { applyPlan, pendingChanges, plan } = await oneShot();
   const p = await plan(ctx);
   const summary = { table: `inet ${p.ruleset.table}`, services: p.services, names: p.names };
   if (opts.dryRun) {
@@ -523,6 +522,7 @@ export async function audit(ctx: Ctx, opts: { repair?: boolean }): Promise<Resul
     table = "the table egressd applied";
   } else {
     // Compare with what was applied: the saved resolutions, not new DNS answers.
+    const { auditTable, plan } = await oneShot();
     const p = await plan(ctx, "missing");
     const a = await auditTable(ctx.nft, p.ruleset, repair);
     r = { findings: a.findings, repaired: a.repaired, remaining: a.remaining.length };

@@ -39,7 +39,7 @@ interface Koffi {
 let koffiModule: Koffi | null = null;
 
 /**
- * koffi's native module: the one packaged beside the bundle (dist/koffi.node,
+ * koffi's native module: the one packaged beside the bundles (dist/koffi.node,
  * /usr/lib/egressd/koffi.node), else the koffi package (running from a checkout). Loaded and
  * configured once per process: koffi refuses a new configuration once it has made a call.
  */
@@ -55,11 +55,12 @@ function loadKoffi(): Koffi {
 }
 
 function findKoffi(): Koffi {
+  // This module is in a chunk (dist/chunks/) in egressctl, in the bundle itself in egressd.
   const here = dirname(fileURLToPath(import.meta.url));
-  const beside = join(here, "koffi.node");
-  if (existsSync(beside)) {
+  for (const file of [join(here, "koffi.node"), join(here, "..", "koffi.node")]) {
+    if (!existsSync(file)) continue;
     const mod = { exports: {} as Koffi };
-    process.dlopen(mod, beside);
+    process.dlopen(mod, file);
     return mod.exports;
   }
   return createRequire(import.meta.url)("koffi") as Koffi;

@@ -13,7 +13,7 @@ import { batchFiles } from "./batch-files.fs.ts";
 export type { Nft } from "./nft.ts";
 
 /** `nft`, or the program named by EGRESSD_NFT (tests point it at a wrapper that counts calls). */
-export function nftBinary(): string {
+function nftBinary(): string {
   return process.env.EGRESSD_NFT || "nft";
 }
 
