@@ -385,8 +385,8 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
   const failed = p.names.filter((n) => n.error).length;
   return {
     exitCode: 0,
-    text: `applied table inet ${p.ruleset.table}: ${p.services.length} service(s), ${p.names.length} name(s)${failed ? ` (${failed} unresolved)` : ""}\n`,
-    data: { dryRun: false, ...summary },
+    text: `applied table inet ${p.ruleset.table}: ${p.services.length} service(s), ${p.names.length} name(s)${failed ? ` (${failed} unresolved)` : ""} through ${ctx.nft.backend}\n`,
+    data: { dryRun: false, ...summary, nft: { backend: ctx.nft.backend, detail: ctx.nft.detail } },
     warnings: nameWarnings(p),
   };
 }

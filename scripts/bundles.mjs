@@ -6,7 +6,9 @@
 //    dist/chunks/ for anything else; each command then loads its own code when it runs.
 //  - Whitespace and syntax are minified (names are kept, so stack traces still name functions):
 //    less to read and parse at every start.
-import { relative, resolve } from "node:path";
+import { existsSync } from "node:fs";
+import { createRequire } from "node:module";
+import { dirname, join, relative, resolve } from "node:path";
 import { build } from "esbuild";
 import { tsImport } from "tsx/esm/api";
 
@@ -43,8 +45,11 @@ async function aheadOfTimeValidators() {
   };
 }
 
-/** Builds both programs; returns each build's metafile. `write: false` builds in memory. */
-export async function bundles({ version, write = true }) {
+/**
+ * Builds both programs into `outdir` (egressctl.js, chunks/, egressd.js); returns each build's
+ * metafile. `write: false` builds in memory.
+ */
+export async function bundles({ version, outdir = "dist", write = true }) {
   const common = {
     absWorkingDir: ROOT,
     bundle: true,
@@ -65,14 +70,14 @@ export async function bundles({ version, write = true }) {
   const egressctl = await build({
     ...common,
     entryPoints: { egressctl: "cli/egressctl.ts" },
-    outdir: "dist",
+    outdir,
     splitting: true,
     chunkNames: "chunks/[name]-[hash]",
   });
   const egressd = await build({
     ...common,
     entryPoints: ["agent/egressd.ts"],
-    outfile: "dist/egressd.js",
+    outfile: join(outdir, "egressd.js"),
   });
   return { egressctl: egressctl.metafile, egressd: egressd.metafile };
 }
@@ -82,8 +87,10 @@ const has = (output, pattern) => Object.keys(output?.inputs ?? {}).filter((f) =>
 /** What each bundle must not carry; returns the problems found (none: an empty list). */
 export function thinProblems(meta) {
   const problems = [];
-  const entry = meta.egressctl.outputs["dist/egressctl.js"];
-  if (!entry) return ["no dist/egressctl.js in the build"];
+  const entry = Object.values(meta.egressctl.outputs).find(
+    (o) => o.entryPoint === "cli/egressctl.ts",
+  );
+  if (!entry) return ["no egressctl.js in the build"];
   const ctlOutputs = Object.entries(meta.egressctl.outputs);
   const rules = [
     // The daemon is never reachable from egressctl, not even from a lazily loaded chunk.
@@ -110,4 +117,21 @@ export function thinProblems(meta) {
     if (found.length) problems.push(`${file} carries ${what}: ${found.join(", ")}`);
   }
   return problems;
+}
+
+/**
+ * koffi's prebuilt native module for this platform and architecture (glibc), or null. The
+ * build puts it beside the bundles (dist/koffi.node), where agent/nft/libnftables.ffi.ts looks
+ * first; the packages ship it for their architecture.
+ */
+export function koffiNative() {
+  const require = createRequire(join(ROOT, "package.json"));
+  try {
+    const pkg = `@koromix/koffi-${process.platform}-${process.arch}`;
+    const dir = dirname(require.resolve(`${pkg}/package.json`));
+    const file = join(dir, `${process.platform}_${process.arch}`, "koffi.node");
+    return existsSync(file) ? file : null;
+  } catch {
+    return null;
+  }
 }
