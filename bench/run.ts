@@ -34,7 +34,7 @@ const P = quick
       pktSecs: 2,
       applySizes: [1000, 10_000],
       applyRuns: 3,
-      pathRuns: 5,
+      pathRuns: 3,
       smallRuns: 500,
       names: 1000,
       cliRuns: 50,
