@@ -47,8 +47,11 @@ if (mode === "full") {
   const batch = JSON.parse(readFileSync(file, "utf8")) as Batch;
   result.bytes = Buffer.byteLength(JSON.stringify(batch));
   result.commands = batch.nftables.length;
+  const rss = () => process.memoryUsage().rss / 2 ** 20;
+  result.rssBefore = rss();
   await lib.apply(batch); // warm: the table exists from here on, as in a real replace
   result.libnftables = await times(runs, () => lib.apply(batch));
+  result.rssAfter = rss();
   result.exec = await times(runs, () => exec.apply(batch));
   result.raw = await times(runs, () => raw(file));
   result.stallWorker = await stall(() => lib.apply(batch));

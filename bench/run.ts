@@ -296,6 +296,12 @@ async function apply(): Promise<void> {
         },
         {
           section: "Apply",
+          what: `resident memory added by ${P.pathRuns + 1} full applies through libnftables, ${N} services (the context is renewed and the heap trimmed after each)`,
+          value: (paths.rssAfter as number) - (paths.rssBefore as number),
+          unit: "MiB",
+        },
+        {
+          section: "Apply",
           what: `longest event-loop stall during a full apply, ${N} services (schema check and JSON on the main thread; the kernel call on a worker thread)`,
           value: paths.stallWorker as number,
           unit: "ms",
