@@ -17,6 +17,7 @@ import { fileURLToPath } from "node:url";
 import type { Batch } from "../../rules/batch.ts";
 import { validateBatch } from "../../rules/nft-schema.ts";
 import { nftFailed, noSuchTable, parseCounters, type Nft } from "./nft.ts";
+import { serialQueue } from "./queue.ts";
 
 /** The library's file name, or EGRESSD_LIBNFTABLES (a path; tests point it at a bad one). */
 export const libraryName = (env: NodeJS.ProcessEnv = process.env): string =>
@@ -126,6 +127,12 @@ function bind(library: string): Binding {
  */
 export const RECYCLE_FROM_BYTES = 256 * 1024;
 
+/**
+ * Library calls run one at a time, process-wide: a context must never be used by two calls at
+ * once, and nothing says libnftables' few globals are safe across threads either.
+ */
+const serial = serialQueue();
+
 /** libnftables through one context, calls queued one at a time. */
 export interface Libnftables extends Nft {
   readonly backend: "libnftables";
@@ -137,13 +144,7 @@ export interface Libnftables extends Nft {
 export function libnftables(library: string = libraryName()): Libnftables {
   const b = bind(library);
   let ctx = b.context();
-  let tail: Promise<unknown> = Promise.resolve();
   let closed = false;
-  const serial = <T>(job: () => Promise<T>): Promise<T> => {
-    const next = tail.then(job, job);
-    tail = next.catch(() => undefined);
-    return next;
-  };
 
   /** Runs one command text; resolves with the output buffer or throws the error buffer. */
   const cmd = (what: string, text: string, dryRun = false) =>
@@ -217,7 +218,7 @@ export function libnftables(library: string = libraryName()): Libnftables {
     close() {
       if (closed) return;
       closed = true;
-      void tail.then(() => b.free(ctx));
+      void serial(async () => b.free(ctx));
     },
   };
 }

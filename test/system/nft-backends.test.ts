@@ -137,6 +137,23 @@ test("libnftables applies, checks and lists in-process, with no nft program on P
   });
 });
 
+test("concurrent applies through one libnftables adapter all land", async () => {
+  await withSandbox({}, async (sb) => {
+    // Eight batches of 250 elements each, sent at once.
+    const batches = Array.from({ length: 8 }, (_, b) => ({
+      nftables: [{ add: elements(...Array.from({ length: 250 }, (_, i) => `10.${b}.${i}.1`)) }],
+    }));
+    const out = await adapter(sb, [
+      { op: "apply", batch: CREATE },
+      { op: "applyAll", batches },
+    ]);
+    assert.is(out.backend, "libnftables");
+    assert.equal(out.results[1], { ok: true, value: null });
+    const live = await setElements(sb);
+    for (let b = 0; b < 8; b++) for (const i of [0, 249]) assert.match(live, `"10.${b}.${i}.1"`);
+  });
+});
+
 test("when libnftables cannot be loaded the nft program does the same work, and that is the reported backend", async () => {
   await withSandbox({}, async (sb) => {
     const bad = { EGRESSD_LIBNFTABLES: "/nonexistent/libnftables.so.1" };
