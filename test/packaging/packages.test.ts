@@ -45,8 +45,9 @@ const NEXT_DEB = join(work, "next", `egressd_${NEXT}_${ARCH.deb}.deb`);
 const distPackages = join(ROOT, "dist/packages");
 const listing = (dir: string) => (existsSync(dir) ? readdirSync(dir).sort() : []);
 const distBefore = listing(distPackages);
-const packageTemps = () => listing(tmpdir()).filter((f) => f.startsWith("egressd-package-"));
-const tempsBefore = packageTemps();
+// scripts/package.ts makes its temp dirs here (TMPDIR), so the test can see they are gone.
+const PKG_TMP = join(work, "tmp");
+mkdirSync(PKG_TMP);
 
 /** The Debian archive this machine's apt uses. */
 function mirror(): string {
@@ -98,7 +99,10 @@ async function mustInRoot(root: string, script: string, netns = false) {
 
 test.before(async () => {
   const pkg = (env: Record<string, string>) =>
-    must(process.execPath, ["--import", "tsx", join(ROOT, "scripts/package.ts")], env);
+    must(process.execPath, ["--import", "tsx", join(ROOT, "scripts/package.ts")], {
+      ...env,
+      TMPDIR: PKG_TMP,
+    });
   await pkg({ EGRESSD_PKG_OUT: PKGS });
   await pkg({ EGRESSD_PKG_OUT: join(work, "next"), EGRESSD_PKG_VERSION: NEXT });
 });
@@ -281,10 +285,14 @@ test("the .deb installs into Debian 13 with apt, runs, upgrades keeping the conf
 });
 
 test("the test leaves nothing behind: no package under dist/packages/, no build or work directory", () => {
+  assert.equal(
+    listing(PKG_TMP).filter((f) => f.startsWith("egressd-")),
+    [],
+    "scripts/package.ts removed its temp dirs",
+  );
   rmSync(work, { recursive: true, force: true });
   assert.not.ok(existsSync(work));
   assert.equal(listing(distPackages), distBefore, "dist/packages/ untouched");
-  assert.equal(packageTemps(), tempsBefore, "scripts/package.ts removed its temp dirs");
 });
 
 test.run();
