@@ -6,7 +6,7 @@
  * Also reports how long the event loop stood still during a full apply, by call mode.
  */
 import { execFileSync } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { tmpdir } from "node:os";
 import { monitorEventLoopDelay } from "node:perf_hooks";
@@ -98,6 +98,7 @@ if (mode === "full") {
     raw(file);
   });
   result.libnftablesPresent = await times(runs, (i) => lib.apply(add(i)));
+  rmSync(file, { force: true });
 }
 lib.close();
 process.stdout.write(JSON.stringify(result) + "\n");
