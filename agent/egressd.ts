@@ -17,7 +17,7 @@ import { dnsResolver } from "./dns/dns.client.ts";
 import { forward } from "./dns/exchange.sock.ts";
 import { DnsProxy } from "./dns/proxy.sock.ts";
 import { flushDnsConntrack } from "./nft/conntrack.sys.ts";
-import { execNft } from "./nft/nft.exec.ts";
+import { defaultNft } from "./nft/index.ts";
 import { egressdProgram } from "./egressd-program.ts";
 import { paths, VERSION, type GlobalOptions } from "./paths.ts";
 import { hostAddresses } from "./host.sys.ts";
@@ -43,7 +43,7 @@ async function once(g: GlobalOptions): Promise<number> {
   const deps = {
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
-    nft: execNft(),
+    nft: defaultNft(),
     users: systemUsers(),
   };
   try {
@@ -118,7 +118,7 @@ async function daemon(g: GlobalOptions): Promise<number> {
   const d: Daemon = new Daemon({
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
-    nft: execNft(),
+    nft: defaultNft(),
     users: systemUsers(),
     resolver: (servers, config) => {
       upstream = (query) => forward(servers, query, config.dns.queryTimeoutMs);

@@ -1,15 +1,6 @@
 /** egressctl's command handlers: each gathers inputs, calls the pure parts, and returns data. */
-import {
-  applyPlan,
-  auditTable,
-  pendingChanges,
-  plan,
-  resolvePrincipals,
-  type Deps,
-  type Plan,
-} from "../agent/apply.ts";
+import type { Deps, Plan } from "../agent/apply.ts";
 import { DROPPED_HINT } from "../rules/address-filter.ts";
-import { checkDistinctOwners } from "../rules/compile.ts";
 import type { Call } from "../agent/control/control.sock.ts";
 import type { ApplySummary } from "../agent/daemon.ts";
 import type { Finding } from "../rules/diff.ts";
@@ -25,6 +16,9 @@ import {
 import { listenerText, undeclaredListeners, type Listener } from "../rules/listeners.ts";
 import type { Sockets } from "../agent/sockets.sys.ts";
 import { formatTarget, parseTarget, TARGET_HINT, type OutboundRule } from "../rules/target.ts";
+
+/** The one-shot path (compiler, DNS client, nft), loaded only by commands that need it. */
+const oneShot = () => import("../agent/apply.ts");
 
 export interface Result {
   exitCode: ExitCode;
@@ -319,6 +313,10 @@ export async function register(
     const uid = found ?? (await ctx.users.createUser(String(user)));
     const created = !found;
     const others = (await ctx.store.loadServices()).filter((p) => p.name !== service);
+    const [{ resolvePrincipals }, { checkDistinctOwners }] = await Promise.all([
+      oneShot(),
+      import("../rules/compile.ts"),
+    ]);
     checkDistinctOwners(
       await resolvePrincipals([...others, policy], ctx.users, (n) => ctx.store.serviceFile(n)),
     );
@@ -526,6 +524,7 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
       data: { dryRun: false, daemon: true, ...r },
     };
   }
+  const { applyPlan, pendingChanges, plan } = await oneShot();
   const p = await plan(ctx);
   const summary = { table: `inet ${p.ruleset.table}`, services: p.services, names: p.names };
   if (opts.dryRun) {
@@ -541,8 +540,8 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
   const failed = p.names.filter((n) => n.errors && !n.addresses.length).length;
   return {
     exitCode: 0,
-    text: `applied table inet ${p.ruleset.table}: ${p.services.length} service(s), ${p.names.length} name(s)${failed ? ` (${failed} unresolved)` : ""}\n`,
-    data: { dryRun: false, ...summary },
+    text: `applied table inet ${p.ruleset.table}: ${p.services.length} service(s), ${p.names.length} name(s)${failed ? ` (${failed} unresolved)` : ""} through ${ctx.nft.backend}\n`,
+    data: { dryRun: false, ...summary, nft: { backend: ctx.nft.backend, detail: ctx.nft.detail } },
     warnings: nameWarnings(p),
   };
 }
@@ -725,6 +724,7 @@ export async function audit(ctx: Ctx, opts: { repair?: boolean }): Promise<Resul
     table = "the table egressd applied";
   } else {
     // Compare with what was applied: the saved resolutions, not new DNS answers.
+    const { auditTable, plan } = await oneShot();
     const p = await plan(ctx, "missing");
     const a = await auditTable(ctx.nft, p.ruleset, repair);
     r = { findings: a.findings, repaired: a.repaired, remaining: a.remaining.length };

@@ -1,21 +1,15 @@
 /** egressctl's command tree and runner: parses argv, runs one handler, renders its result. The only place that prints. */
 import { Command, CommanderError, Option } from "commander";
-import { connectDaemon } from "../agent/control/control.sock.ts";
-import { execNft } from "../agent/nft/nft.exec.ts";
-import { StateStore } from "../agent/store/state.fs.ts";
-import { systemUsers } from "../agent/users.sys.ts";
-import { systemSockets } from "../agent/sockets.sys.ts";
-
 import { EgressError, type ExitCode } from "../rules/errors.ts";
-import { PolicyStore } from "../agent/store/policy-store.fs.ts";
 import { paths, VERSION, withPathOptions, type GlobalOptions } from "../agent/paths.ts";
 
-import * as cmd from "./commands.ts";
-import * as inbound from "./inbound.ts";
-import { systemd } from "./systemd.ts";
-import { check } from "./check.ts";
-
 import type { Ctx, Result } from "./commands.ts";
+
+// Everything else loads when a command runs, and only what that command needs: `--version`
+// and `--help` load the command tree alone, and a change sent to a running egressd never
+// loads the one-shot apply path (compiler, DNS client, nft).
+const cmd = () => import("./commands.ts");
+const inbound = () => import("./inbound.ts");
 
 export interface Io {
   stdout: (s: string) => void;
@@ -30,14 +24,28 @@ export function renderError(err: EgressError): string {
   return lines.join("\n") + "\n";
 }
 
-function context(g: GlobalOptions): Ctx {
+async function context(g: GlobalOptions): Promise<Ctx> {
+  const [{ PolicyStore }, { StateStore }, { defaultNft }, { connectDaemon }] = await Promise.all([
+    import("../agent/store/policy-store.fs.ts"),
+    import("../agent/store/state.fs.ts"),
+    import("../agent/nft/index.ts"),
+    import("../agent/control/control.sock.ts"),
+  ]);
   const p = paths(g);
+  const users = () => import("../agent/users.sys.ts").then((m) => m.systemUsers());
   return {
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
-    nft: execNft(),
-    users: systemUsers(),
-    sockets: systemSockets(),
+    nft: defaultNft(),
+    users: {
+      users: async (specs) => (await users()).users(specs),
+      groups: async (specs) => (await users()).groups(specs),
+      createUser: async (name) => (await users()).createUser(name),
+    },
+    sockets: {
+      listeners: async (uid) =>
+        (await import("../agent/sockets.sys.ts")).systemSockets().listeners(uid),
+    },
     daemon: () => connectDaemon(p.socket),
   };
 }
@@ -102,7 +110,7 @@ export function program(
         dns?: string;
         force?: boolean;
       }>();
-      go(this, (ctx) => cmd.register(ctx, service, o));
+      go(this, async (ctx) => (await cmd()).register(ctx, service, o));
     });
 
   prog
@@ -110,7 +118,7 @@ export function program(
     .description("remove a service and all its allowances")
     .argument("<service>")
     .action(function (this: Command, service: string) {
-      go(this, (ctx) => cmd.unregister(ctx, service));
+      go(this, async (ctx) => (await cmd()).unregister(ctx, service));
     });
 
   prog
@@ -119,7 +127,7 @@ export function program(
     .argument("<service>")
     .argument("<target...>", "e.g. api.example.com:443, 10.0.0.0/8:5432, [2001:db8::1]:53/udp")
     .action(function (this: Command, service: string, targets: string[]) {
-      go(this, (ctx) => cmd.allow(ctx, service, targets));
+      go(this, async (ctx) => (await cmd()).allow(ctx, service, targets));
     });
 
   prog
@@ -128,7 +136,7 @@ export function program(
     .argument("<service>")
     .argument("<target...>")
     .action(function (this: Command, service: string, targets: string[]) {
-      go(this, (ctx) => cmd.revoke(ctx, service, targets));
+      go(this, async (ctx) => (await cmd()).revoke(ctx, service, targets));
     });
 
   prog
@@ -148,8 +156,8 @@ export function program(
     )
     .action(function (this: Command, service: string, port: string) {
       const o = this.opts<{ from: string[]; anywhere?: boolean }>();
-      go(this, (ctx) =>
-        inbound.allowIn(ctx, service, port, o.from, { anywhere: Boolean(o.anywhere) }),
+      go(this, async (ctx) =>
+        (await inbound()).allowIn(ctx, service, port, o.from, { anywhere: Boolean(o.anywhere) }),
       );
     });
 
@@ -159,7 +167,7 @@ export function program(
     .argument("<service>")
     .argument("<port>")
     .action(function (this: Command, service: string, port: string) {
-      go(this, (ctx) => inbound.revokeIn(ctx, service, port));
+      go(this, async (ctx) => (await inbound()).revokeIn(ctx, service, port));
     });
 
   prog
@@ -167,7 +175,7 @@ export function program(
     .description("show the policy as written")
     .argument("[service]")
     .action(function (this: Command, service?: string) {
-      go(this, (ctx) => cmd.list(ctx, service));
+      go(this, async (ctx) => (await cmd()).list(ctx, service));
     });
 
   prog
@@ -176,7 +184,7 @@ export function program(
     .option("--dry-run", "print what would change and touch nothing")
     .action(function (this: Command) {
       const o = this.opts<{ dryRun?: boolean }>();
-      go(this, (ctx) => cmd.apply(ctx, o));
+      go(this, async (ctx) => (await cmd()).apply(ctx, o));
     });
 
   prog
@@ -185,7 +193,7 @@ export function program(
     .option("--repair", "re-apply the desired table in one transaction, then audit again")
     .action(function (this: Command) {
       const o = this.opts<{ repair?: boolean }>();
-      go(this, (ctx) => cmd.audit(ctx, o));
+      go(this, async (ctx) => (await cmd()).audit(ctx, o));
     });
 
   prog
@@ -195,7 +203,7 @@ export function program(
     )
     .argument("[service]")
     .action(function (this: Command, service?: string) {
-      go(this, (ctx) => cmd.status(ctx, service));
+      go(this, async (ctx) => (await cmd()).status(ctx, service));
     });
 
   prog
@@ -203,7 +211,7 @@ export function program(
     .description("re-resolve names now (all, or one service's) and apply what changed")
     .argument("[service]")
     .action(function (this: Command, service?: string) {
-      go(this, (ctx) => cmd.refresh(ctx, service));
+      go(this, async (ctx) => (await cmd()).refresh(ctx, service));
     });
 
   prog
@@ -234,7 +242,7 @@ export function program(
         write?: boolean;
         systemdDir?: string;
       }>();
-      go(this, (ctx) => systemd(ctx, service, o));
+      go(this, async (ctx) => (await import("./systemd.ts")).systemd(ctx, service, o));
     });
 
   prog
@@ -251,7 +259,9 @@ export function program(
     )
     .action(function (this: Command, paths: string[]) {
       const o = this.opts<{ kind?: "service" | "config" }>();
-      go(this, (ctx) => check(ctx, paths, o.kind ? { kind: o.kind } : {}));
+      go(this, async (ctx) =>
+        (await import("./check.ts")).check(ctx, paths, o.kind ? { kind: o.kind } : {}),
+      );
     });
 
   return prog;
@@ -292,7 +302,7 @@ function usageError(err: CommanderError, prog: Command, argv: readonly string[])
 export async function main(
   argv: readonly string[],
   io: Io,
-  makeContext: (g: GlobalOptions) => Ctx = context,
+  makeContext: (g: GlobalOptions) => Ctx | Promise<Ctx> = context,
 ): Promise<ExitCode> {
   const json = wantsJson(argv);
   const printJson = (v: unknown) => io.stdout(JSON.stringify(v, null, 2) + "\n");
@@ -310,7 +320,7 @@ export async function main(
   const prog = program(progIo, (g, job) => {
     pending = (async () => {
       try {
-        const r = await job(makeContext(g));
+        const r = await job(await makeContext(g));
         if (g.json) printJson(r.data);
         else {
           if (!g.quiet) io.stdout(r.text);

@@ -3,9 +3,8 @@
  * that egressd emits. Every batch is checked against it before it reaches `nft`, so a
  * misspelt key or a wrongly shaped expression is caught here with a path, not by the kernel.
  */
-import { Ajv2020 } from "ajv/dist/2020.js";
 import { EgressError } from "./errors.ts";
-import { lazy } from "./lazy.ts";
+import { validator } from "./validators.ts";
 
 import type { Batch } from "./batch.ts";
 
@@ -24,7 +23,7 @@ const obj = (
   required,
 });
 
-const schema = {
+export const NFT_BATCH_SCHEMA = {
   $id: "https://egressd.dev/schema/nft-batch.json",
   type: "object",
   additionalProperties: false,
@@ -354,17 +353,8 @@ const schema = {
 // Every union's branches are told apart by their one key (additionalProperties: false), so
 // anyOf accepts exactly what oneOf would, and stops at the first match. The fast validator
 // stops at the first error; only a failing batch is checked again to report every complaint.
-const batchValidator = lazy(() =>
-  new Ajv2020({
-    allErrors: false,
-    strict: true,
-    inlineRefs: false,
-    code: { optimize: false },
-  }).compile(schema),
-);
-const reportingValidator = lazy(() =>
-  new Ajv2020({ allErrors: true, strict: true }).compile(schema),
-);
+const batchValidator = () => validator("batch", NFT_BATCH_SCHEMA);
+const reportingValidator = () => validator("batchReport", NFT_BATCH_SCHEMA);
 
 /** Throws ERR_EGRESS_NFT_SCHEMA (an internal error) when a batch strays from the schema. */
 export function validateBatch(batch: unknown): asserts batch is Batch {

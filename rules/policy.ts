@@ -1,11 +1,10 @@
 /** The policy model: daemon config and per-service policies, their schemas and validation (pure). */
-import { Ajv } from "ajv";
 import { validate as validateCron } from "node-cron";
 import { invalid, type Problem } from "./errors.ts";
 import { parseNet } from "./addresses.ts";
-import { lazy } from "./lazy.ts";
 
 import { ajvProblems } from "./schema-errors.ts";
+import { validator } from "./validators.ts";
 import {
   hostText,
   parseHost,
@@ -192,12 +191,8 @@ export const CONFIG_SCHEMA = {
   },
 } as const;
 
-// verbose: errors carry their schema, whose description and allowed keys the messages quote.
-const ajv = lazy(
-  () => new Ajv({ allErrors: true, strict: true, verbose: true, code: { optimize: false } }),
-);
-const serviceValidator = lazy(() => ajv().compile(SERVICE_SCHEMA));
-const configValidator = lazy(() => ajv().compile(CONFIG_SCHEMA));
+const serviceValidator = () => validator("service", SERVICE_SCHEMA);
+const configValidator = () => validator("config", CONFIG_SCHEMA);
 
 /** Parses "IP", "IP:PORT" or "[IPv6]:PORT" into an address and port. */
 export function parseResolver(

@@ -1,13 +1,18 @@
 /**
- * `npm run package`: builds dist/packages/egressd_<version>_all.deb and
- * dist/packages/egressd-<version>-1.noarch.rpm from dist/ (npm run build) with dpkg-deb and
- * rpmbuild. EGRESSD_PKG_VERSION overrides the version (the upgrade test builds a newer one).
+ * `npm run package`: builds dist/packages/egressd_<version>_<arch>.deb and
+ * dist/packages/egressd-<version>-1.<arch>.rpm for this machine's architecture (koffi's native
+ * module for it is inside) with dpkg-deb and rpmbuild. The programs are bundled afresh for the
+ * package's version in a temporary directory, removed at the end, as is everything else built
+ * on the way (man pages, staging trees, the throwaway signing key).
+ *   EGRESSD_PKG_VERSION  the version (default: package.json's; the upgrade test builds a newer one)
+ *   EGRESSD_PKG_OUT      where the packages go (default: dist/packages; the test uses a temp dir)
  */
 import {
   chmodSync,
   copyFileSync,
-  cpSync,
+  existsSync,
   mkdirSync,
+  mkdtempSync,
   readdirSync,
   readFileSync,
   rmSync,
@@ -15,22 +20,43 @@ import {
   writeFileSync,
 } from "node:fs";
 import { createHash } from "node:crypto";
+import { tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { gzipSync } from "node:zlib";
 import { execa } from "execa";
 import { DAEMON_NODE_FLAGS } from "../agent/paths.ts";
+import { bundles, koffiNative, thinProblems } from "./bundles.mjs";
 
 const root = resolve(dirname(new URL(import.meta.url).pathname), "..");
 const pkg = JSON.parse(readFileSync(join(root, "package.json"), "utf8")) as { version: string };
 const version = process.env.EGRESSD_PKG_VERSION ?? pkg.version;
-const out = join(root, "dist/packages");
-const work = join(root, "dist/pkgwork");
+const out = resolve(process.env.EGRESSD_PKG_OUT ?? join(root, "dist/packages"));
+const work = mkdtempSync(join(tmpdir(), "egressd-package-"));
 const epoch = Number(process.env.SOURCE_DATE_EPOCH ?? 1_795_305_600); // reproducible timestamps
 const DOCS = [
   "README.md",
   "CHANGELOG.md",
-  ...readdirSync(join(root, "docs")).map((f) => `docs/${f}`),
+  ...readdirSync(join(root, "docs"))
+    .filter((f) => f.endsWith(".md"))
+    .map((f) => `docs/${f}`),
 ];
+/** The JSON Schemas of the policy and config files, when the docs have them. */
+const SCHEMA_DIR = join(root, "docs/schema");
+const SCHEMAS = existsSync(SCHEMA_DIR)
+  ? readdirSync(SCHEMA_DIR).filter((f) => f.endsWith(".json"))
+  : [];
+
+/** The package architecture names of this machine (koffi's native module is built for it). */
+const ARCH: Record<string, { deb: string; rpm: string }> = {
+  x64: { deb: "amd64", rpm: "x86_64" },
+  arm64: { deb: "arm64", rpm: "aarch64" },
+};
+const arch = ((a) => {
+  if (!a) throw new Error(`packages are built for x64 and arm64, not ${process.arch}`);
+  return a;
+})(ARCH[process.arch]);
+const dist = join(work, "dist");
+const share = join(work, "share");
 
 function put(stage: string, path: string, content: string | Buffer, mode = 0o644): void {
   const file = join(stage, path);
@@ -41,10 +67,10 @@ function put(stage: string, path: string, content: string | Buffer, mode = 0o644
 
 /** The files both packages share; `layout` says where distribution-specific things go. */
 function stageCommon(stage: string, layout: { unitDir: string; zshDir: string }): void {
+  // The wrappers in /usr/bin run the bundles with the distribution's node: no shebangs needed.
+  const js = (file: string) => readFileSync(file, "utf8").replace(/^#!.*\n/, "");
   for (const prog of ["egressctl", "egressd"]) {
-    // The wrapper in /usr/bin runs the bundle with the distribution's node: no shebang needed.
-    const bundle = readFileSync(join(root, `dist/${prog}.js`), "utf8").replace(/^#!.*\n/, "");
-    put(stage, `usr/lib/egressd/${prog}.js`, bundle);
+    put(stage, `usr/lib/egressd/${prog}.js`, js(join(dist, `${prog}.js`)));
     put(
       stage,
       `usr/bin/${prog}`,
@@ -54,9 +80,15 @@ function stageCommon(stage: string, layout: { unitDir: string; zshDir: string })
     put(
       stage,
       `usr/share/man/man8/${prog}.8.gz`,
-      gzipSync(readFileSync(join(root, `dist/share/man/${prog}.8`)), { level: 9 }),
+      gzipSync(readFileSync(join(share, `man/${prog}.8`)), { level: 9 }),
     );
   }
+  for (const chunk of readdirSync(join(dist, "chunks")))
+    put(stage, `usr/lib/egressd/chunks/${chunk}`, js(join(dist, "chunks", chunk)));
+  // The one native module: koffi's, for this architecture (libnftables in-process).
+  put(stage, "usr/lib/egressd/koffi.node", readFileSync(join(dist, "koffi.node")));
+  for (const f of SCHEMAS)
+    put(stage, `usr/share/egressd/schema/${f}`, readFileSync(join(SCHEMA_DIR, f)));
   put(
     stage,
     `${layout.unitDir}/egressd.service`,
@@ -67,13 +99,9 @@ function stageCommon(stage: string, layout: { unitDir: string; zshDir: string })
   put(
     stage,
     "usr/share/bash-completion/completions/egressctl",
-    readFileSync(join(root, "dist/share/completion/egressctl.bash")),
+    readFileSync(join(share, "completion/egressctl.bash")),
   );
-  put(
-    stage,
-    `${layout.zshDir}/_egressctl`,
-    readFileSync(join(root, "dist/share/completion/_egressctl")),
-  );
+  put(stage, `${layout.zshDir}/_egressctl`, readFileSync(join(share, "completion/_egressctl")));
   for (const d of DOCS) put(stage, `usr/share/doc/egressd/${d}`, readFileSync(join(root, d)));
 }
 
@@ -105,6 +133,8 @@ async function deb(): Promise<string> {
   const size = Math.ceil(files.reduce((n, f) => n + statSync(f).size, 0) / 1024);
   const control = readFileSync(join(root, "packaging/debian/control.in"), "utf8")
     .replace("@VERSION@", version)
+    .replace("@ARCH@", arch.deb)
+    .replace("@SHLIBS@", await shlibs(join(stage, "usr/lib/egressd/koffi.node")))
     .replace("@SIZE@", String(size));
   put(stage, "DEBIAN/control", control);
   put(stage, "DEBIAN/conffiles", "/etc/egressd/egressd.json\n");
@@ -115,11 +145,26 @@ async function deb(): Promise<string> {
     .map((f) => `${createHash("md5").update(readFileSync(f)).digest("hex")}  ${relative(stage, f)}`)
     .join("\n");
   put(stage, "DEBIAN/md5sums", md5 + "\n");
-  const file = join(out, `egressd_${version}_all.deb`);
+  const file = join(out, `egressd_${version}_${arch.deb}.deb`);
   await execa("dpkg-deb", ["--root-owner-group", "-Zxz", "--build", stage, file], {
     env: { SOURCE_DATE_EPOCH: String(epoch) },
   });
   return file;
+}
+
+/** The libraries koffi's native module needs, as Debian dependencies (dpkg-shlibdeps). */
+async function shlibs(file: string): Promise<string> {
+  const dir = join(work, "shlibs");
+  mkdirSync(join(dir, "debian"), { recursive: true });
+  writeFileSync(
+    join(dir, "debian/control"),
+    `Source: egressd\n\nPackage: egressd\nArchitecture: ${arch.deb}\n`,
+  );
+  // Node-API symbols come from the node process itself: no library provides them, as expected.
+  const r = await execa("dpkg-shlibdeps", ["-O", "--warnings=0", file], { cwd: dir });
+  const m = /^shlibs:Depends=(.+)$/m.exec(r.stdout);
+  if (!m?.[1]) throw new Error(`dpkg-shlibdeps gave no dependencies for ${file}: ${r.stdout}`);
+  return m[1];
 }
 
 async function rpm(): Promise<string> {
@@ -134,12 +179,15 @@ async function rpm(): Promise<string> {
     spec,
     readFileSync(join(root, "packaging/rpm/egressd.spec.in"), "utf8")
       .replace("@VERSION@", version)
+      .replace("@SCHEMAS@", SCHEMAS.length ? "%{_datadir}/egressd" : "")
       .replace("@CHANGELOG@", changelog),
   );
   await execa(
     "rpmbuild",
     [
       "-bb",
+      "--target",
+      arch.rpm,
       "--define",
       `_topdir ${top}`,
       "--define",
@@ -152,9 +200,10 @@ async function rpm(): Promise<string> {
     ],
     { env: { SOURCE_DATE_EPOCH: String(epoch) } },
   );
-  const built = join(top, "RPMS/noarch", `egressd-${version}-1.noarch.rpm`);
+  const name = `egressd-${version}-1.${arch.rpm}.rpm`;
+  const built = join(top, "RPMS", arch.rpm, name);
   await sign(built);
-  const file = join(out, `egressd-${version}-1.noarch.rpm`);
+  const file = join(out, name);
   copyFileSync(built, file);
   return file;
 }
@@ -198,13 +247,19 @@ async function sign(file: string): Promise<void> {
   writeFileSync(join(out, "egressd-rpm-key.asc"), key.stdout + "\n");
 }
 
-rmSync(work, { recursive: true, force: true });
-mkdirSync(out, { recursive: true });
-await execa(
-  process.execPath,
-  ["--import", "tsx", join(root, "scripts/manpages.ts"), join(root, "dist/share")],
-  { cwd: root, env: { SOURCE_DATE_EPOCH: String(epoch) } },
-);
-const files = [await deb(), await rpm()];
-cpSync(join(root, "packaging/egressd.service"), join(out, "egressd.service"));
-for (const f of files) console.log(`built ${relative(root, f)}`);
+try {
+  mkdirSync(out, { recursive: true });
+  const native = koffiNative();
+  if (!native) throw new Error(`no koffi native module for ${process.platform}-${process.arch}`);
+  const problems = thinProblems(await bundles({ version, outdir: dist }));
+  if (problems.length) throw new Error(`egressctl is not thin:\n  ${problems.join("\n  ")}`);
+  copyFileSync(native, join(dist, "koffi.node"));
+  await execa(process.execPath, ["--import", "tsx", join(root, "scripts/manpages.ts"), share], {
+    cwd: root,
+    env: { SOURCE_DATE_EPOCH: String(epoch) },
+  });
+  const files = [await deb(), await rpm()];
+  for (const f of files) console.log(`built ${relative(process.cwd(), f)}`);
+} finally {
+  rmSync(work, { recursive: true, force: true });
+}

@@ -7,18 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/ensure-deps.sh
 
-# The packaging test's tools: building (dpkg-deb, rpmbuild, gpg), linting (lintian, rpmlint),
-# the unit check (systemd-analyze) and the install test (debootstrap).
+# The packaging test's tools: building (dpkg-deb, dpkg-shlibdeps, rpmbuild, gpg), linting
+# (lintian, rpmlint), the unit check (systemd-analyze) and the install test (debootstrap).
 tools=()
-for t in debootstrap rpmbuild lintian rpmlint gpg systemd-analyze; do command -v "$t" >/dev/null || tools+=("$t"); done
+for t in debootstrap rpmbuild lintian rpmlint gpg systemd-analyze dpkg-shlibdeps; do command -v "$t" >/dev/null || tools+=("$t"); done
 if [ ${#tools[@]} -gt 0 ]; then
   echo "installing packaging tools for: ${tools[*]}"
   if command -v apt-get >/dev/null; then
     [ -n "${EGRESSD_APT_UPDATED:-}" ] || apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      debootstrap rpm lintian rpmlint gnupg systemd >/dev/null
+      debootstrap rpm lintian rpmlint gnupg systemd dpkg-dev >/dev/null
   elif command -v dnf >/dev/null; then
-    dnf install -y -q debootstrap rpm-build rpmlint gnupg2 systemd dpkg lintian
+    dnf install -y -q debootstrap rpm-build rpmlint gnupg2 systemd dpkg dpkg-dev lintian
   fi
 fi
 

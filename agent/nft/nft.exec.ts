@@ -1,57 +1,48 @@
-/** Runs `nft` (the only place that does). Failures become one EgressError with command, exit code and stderr. */
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+/**
+ * Runs the `nft` program: the fallback when libnftables cannot be loaded, and the path tests
+ * force with EGRESSD_NFT. Failures become one EgressError with command, exit code and stderr.
+ */
+import { closeSync, writeSync } from "node:fs";
 import { execa, ExecaError } from "execa";
 import { EgressError } from "../../rules/errors.ts";
 import type { Batch } from "../../rules/batch.ts";
 import { validateBatch } from "../../rules/nft-schema.ts";
+import { nftFailed, noSuchTable, parseCounters, type Nft } from "./nft.ts";
+import { batchFiles } from "./batch-files.fs.ts";
 
-export interface Nft {
-  /** Applies a batch as one kernel transaction; all of it or none. */
-  apply(batch: Batch): Promise<void>;
-  /** Checks a batch in the kernel (`nft -c`) without applying it. */
-  check(batch: Batch): Promise<void>;
-  /** `nft -j list table inet <table>`, or null when the table does not exist. */
-  listTable(table: string): Promise<unknown | null>;
-  /** Named counters of the table (packets, bytes); empty when the table does not exist. */
-  listCounters(table: string): Promise<Map<string, { packets: number; bytes: number }>>;
-}
+export type { Nft } from "./nft.ts";
 
 /** `nft`, or the program named by EGRESSD_NFT (tests point it at a wrapper that counts calls). */
 function nftBinary(): string {
   return process.env.EGRESSD_NFT || "nft";
 }
 
-async function run(bin: string, args: string[]): Promise<string> {
+async function run(bin: string, args: string[], stdin: number | "ignore" = "ignore") {
   try {
-    const r = await execa(bin, args, { stdin: "ignore", timeout: 120_000 });
+    // An open descriptor is a valid stdin (execa's types list only 3-9 among integers).
+    const r = await execa(bin, args, { stdin: stdin as "ignore", timeout: 120_000 });
     return r.stdout;
   } catch (err) {
     if (err instanceof ExecaError) {
-      const stderr = String(err.stderr ?? "").trim();
-      const notFound = err.code === "ENOENT";
-      throw new EgressError(
-        notFound ? "ERR_EGRESS_NFT_MISSING" : "ERR_EGRESS_NFT_FAILED",
-        notFound
-          ? `cannot run "${bin}": not installed or not on PATH`
-          : `nft failed (exit ${String(err.exitCode ?? err.signal)}): ${stderr.split("\n").find((l) => l.trim()) ?? err.shortMessage}`,
-        {
-          exitCode: 3,
-          hint: notFound
-            ? "install nftables (apt-get install nftables / dnf install nftables)"
-            : /Operation not permitted/.test(stderr)
-              ? "run as root (or with CAP_NET_ADMIN)"
-              : "the previous ruleset is still in force; see nft's message above",
-          details: {
-            command: `${bin} ${args.join(" ")}`,
-            exitCode: err.exitCode,
-            signal: err.signal,
-            stderr,
+      const details = {
+        command: `${bin} ${args.join(" ")}`,
+        exitCode: err.exitCode,
+        signal: err.signal,
+      };
+      if (err.code === "ENOENT") {
+        throw new EgressError(
+          "ERR_EGRESS_NFT_MISSING",
+          `cannot run "${bin}": not installed or not on PATH`,
+          {
+            exitCode: 3,
+            hint: "install nftables (apt-get install nftables / dnf install nftables)",
+            details,
+            cause: err,
           },
-          cause: err,
-        },
-      );
+        );
+      }
+      const how = `exit ${String(err.exitCode ?? err.signal)}`;
+      throw nftFailed(how, String(err.stderr ?? "").trim() || err.shortMessage, details, err);
     }
     throw err;
   }
@@ -59,26 +50,27 @@ async function run(bin: string, args: string[]): Promise<string> {
 
 /**
  * `nft -f -` cannot read a pipe that is a socket (Node's child stdio is one: nft opens
- * /dev/stdin and gets ENXIO), so the batch goes through a private temporary file.
+ * /dev/stdin and gets ENXIO). So the batch goes into a file in a private per-uid directory,
+ * which is unlinked before nft starts: nft reads it through its stdin, an open descriptor of
+ * the unnamed file, and nothing is left behind whatever happens to either process.
  */
 async function runBatch(bin: string, batch: Batch, check: boolean): Promise<void> {
   validateBatch(batch);
-  const dir = await mkdtemp(join(tmpdir(), "egressd-"));
+  const fd = batchFiles().unnamed();
   try {
-    const file = join(dir, "batch.json");
-    await writeFile(file, JSON.stringify(batch), { mode: 0o600 });
-    await run(bin, [...(check ? ["-c"] : []), "-j", "-f", file]);
+    const text = Buffer.from(JSON.stringify(batch));
+    for (let off = 0; off < text.length;) off += writeSync(fd, text, off);
+    await run(bin, [...(check ? ["-c"] : []), "-j", "-f", "/dev/stdin"], fd);
   } finally {
-    await rm(dir, { recursive: true, force: true });
+    closeSync(fd);
   }
 }
 
-const noSuchTable = (err: unknown) =>
-  err instanceof EgressError && /No such file or directory/.test(String(err.details?.stderr));
-
-/** The real `nft`, run through execa. */
-export function execNft(bin: string = nftBinary()): Nft {
+/** The `nft` program, run through execa. */
+export function execNft(bin: string = nftBinary(), detail = `nft program (${bin})`): Nft {
   return {
+    backend: "nft",
+    detail,
     apply: (batch) => runBatch(bin, batch, false),
     check: (batch) => runBatch(bin, batch, true),
     async listTable(table) {
@@ -90,24 +82,12 @@ export function execNft(bin: string = nftBinary()): Nft {
       }
     },
     async listCounters(table) {
-      const out = new Map<string, { packets: number; bytes: number }>();
-      type Listing = {
-        nftables?: { counter?: { name: string; packets: number; bytes: number } }[];
-      };
-      let listing: Listing;
       try {
-        listing = JSON.parse(
-          await run(bin, ["-j", "list", "counters", "table", "inet", table]),
-        ) as Listing;
+        return parseCounters(await run(bin, ["-j", "list", "counters", "table", "inet", table]));
       } catch (err) {
-        if (noSuchTable(err)) return out;
+        if (noSuchTable(err)) return new Map();
         throw err;
       }
-      for (const o of listing.nftables ?? []) {
-        if (o.counter)
-          out.set(o.counter.name, { packets: o.counter.packets, bytes: o.counter.bytes });
-      }
-      return out;
     },
   };
 }

@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import {
   chmodSync,
   copyFileSync,
+  cpSync,
   mkdirSync,
   mkdtempSync,
   readdirSync,
@@ -11,7 +12,7 @@ import {
   writeFileSync,
 } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { execa } from "execa";
@@ -233,9 +234,10 @@ test("a name with an underscore is accepted, as the hint says it may be", async 
 
 test("a user who is not root is told permission is denied, not that another egressctl holds the lock", async () => {
   chmodSync(dir, 0o755);
-  // A copy the test uid can read wherever the checkout lives (the bundle is self-contained).
+  // A copy the test uid can read wherever the checkout lives: the entry and its chunks.
   const ctl = join(dir, "egressctl.js");
   copyFileSync(EGRESSCTL, ctl);
+  cpSync(join(dirname(EGRESSCTL), "chunks"), join(dir, "chunks"), { recursive: true });
   chmodSync(ctl, 0o644);
   const r = await execa(
     "setpriv",

@@ -21,6 +21,8 @@ const sockets: Sockets = {
   listeners: async (uid) => listening.filter((l) => l.uid === uid),
 };
 const nft: Nft = {
+  backend: "nft",
+  detail: "a fake: CLI tests send nothing to the kernel",
   apply: () => Promise.reject(new Error("no nft in CLI tests")),
   check: () => Promise.reject(new Error("no nft in CLI tests")),
   listTable: () => Promise.reject(new Error("no nft in CLI tests")),

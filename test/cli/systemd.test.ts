@@ -292,7 +292,7 @@ test("a bad unit name is reported with where it came from and what a good one lo
   const r = await run(["systemd", "svc-web", "--unit", "web"]);
   assert.is(
     r.stderr,
-    'egressctl: invalid unit "web"\n  --unit: not a service unit: the name ends in .service, e.g. web.service\n',
+    'egressctl: invalid unit "web"\n  --unit: not a service unit: the name ends in .service, e.g. web.service\nhint: name the service\'s unit, e.g. --unit web.service\n',
   );
 });
 

@@ -1,14 +1,17 @@
 /**
  * Packages: build the .deb and .rpm, lint them, check the unit, and install the .deb into a
  * real Debian 13 (trixie) root made with debootstrap from the machine's Debian archive:
- * install, run, upgrade, remove, purge. Needs root and the archive; takes a few minutes
- * the first time (the base root is cached under /var/cache/egressd-test).
+ * install, run (libnftables loaded through the packaged koffi module), upgrade, remove, purge.
+ * Needs root and the archive. Everything it builds lives in one temporary directory, removed
+ * at the end (never under dist/); the one thing kept is the debootstrapped base root, cached
+ * in /var/cache/egressd-test/trixie-base (a few minutes to make; the README names it).
  */
 import {
   cpSync,
   existsSync,
   mkdirSync,
   mkdtempSync,
+  readdirSync,
   readFileSync,
   readlinkSync,
   rmSync,
@@ -28,12 +31,23 @@ const version = (
   JSON.parse(readFileSync(join(ROOT, "package.json"), "utf8")) as { version: string }
 ).version;
 const NEXT = `${version}+upgradetest1`;
-const DEB = join(ROOT, `dist/packages/egressd_${version}_all.deb`);
-const RPM = join(ROOT, `dist/packages/egressd-${version}-1.noarch.rpm`);
+const ARCH = { x64: { deb: "amd64", rpm: "x86_64" }, arm64: { deb: "arm64", rpm: "aarch64" } }[
+  process.arch as "x64" | "arm64"
+];
 const BASE = "/var/cache/egressd-test/trixie-base";
 const MIRROR = process.env.EGRESSD_DEBIAN_MIRROR ?? mirror();
-let work = "";
-let next = "";
+// The test's own temp dir; the packages are built into it, never into dist/packages/.
+const work = mkdtempSync(join(tmpdir(), "egressd-pkgtest-"));
+const PKGS = join(work, "packages");
+const DEB = join(PKGS, `egressd_${version}_${ARCH.deb}.deb`);
+const RPM = join(PKGS, `egressd-${version}-1.${ARCH.rpm}.rpm`);
+const NEXT_DEB = join(work, "next", `egressd_${NEXT}_${ARCH.deb}.deb`);
+const distPackages = join(ROOT, "dist/packages");
+const listing = (dir: string) => (existsSync(dir) ? readdirSync(dir).sort() : []);
+const distBefore = listing(distPackages);
+// scripts/package.ts makes its temp dirs here (TMPDIR), so the test can see they are gone.
+const PKG_TMP = join(work, "tmp");
+mkdirSync(PKG_TMP);
 
 /** The Debian archive this machine's apt uses. */
 function mirror(): string {
@@ -84,16 +98,35 @@ async function mustInRoot(root: string, script: string, netns = false) {
 }
 
 test.before(async () => {
-  await must("npm", ["run", "package", "--silent"]);
-  await must("npm", ["run", "package", "--silent"], { EGRESSD_PKG_VERSION: NEXT });
-  next = join(ROOT, `dist/packages/egressd_${NEXT}_all.deb`);
-  // Rebuild the current version last, so dist/packages/ holds it as the newest build.
-  await must("npm", ["run", "package", "--silent"]);
-  work = mkdtempSync(join(tmpdir(), "egressd-pkg-"));
+  const pkg = (env: Record<string, string>) =>
+    must(process.execPath, ["--import", "tsx", join(ROOT, "scripts/package.ts")], {
+      ...env,
+      TMPDIR: PKG_TMP,
+    });
+  await pkg({ EGRESSD_PKG_OUT: PKGS });
+  await pkg({ EGRESSD_PKG_OUT: join(work, "next"), EGRESSD_PKG_VERSION: NEXT });
 });
 
 test.after(() => {
-  if (work) rmSync(work, { recursive: true, force: true });
+  rmSync(work, { recursive: true, force: true });
+});
+
+test("the packages are for this architecture and carry one native module: koffi's, for it", async () => {
+  const deb = await must("dpkg-deb", ["--field", DEB, "Architecture", "Depends"]);
+  assert.match(deb.stdout, `Architecture: ${ARCH.deb}`);
+  assert.match(deb.stdout, /Depends: .*libnftables1.*procps.*libc6 \(>= /);
+  const debFiles = (await must("dpkg-deb", ["-c", DEB])).stdout;
+  const rpmFiles = (await must("rpm", ["-qpl", RPM])).stdout;
+  for (const files of [debFiles, rpmFiles]) {
+    const natives = files.split("\n").filter((l) => /\.node$/.test(l));
+    assert.is(natives.length, 1, natives.join("\n"));
+    assert.match(natives[0] ?? "", "/usr/lib/egressd/koffi.node");
+    assert.match(files, /\/usr\/lib\/egressd\/chunks\/[^\s]+\.js/);
+    // The policy and config JSON Schemas ship when the docs have them.
+    const schemaDir = join(ROOT, "docs/schema");
+    for (const f of listing(schemaDir).filter((x) => x.endsWith(".json")))
+      assert.match(files, `/usr/share/egressd/schema/${f}`);
+  }
 });
 
 test("lintian reports no errors or warnings on the .deb", async () => {
@@ -103,16 +136,26 @@ test("lintian reports no errors or warnings on the .deb", async () => {
   assert.is(r.exitCode, 0, r.stdout + r.stderr);
 });
 
-test("rpmlint reports no errors on the signed .rpm", async () => {
+test("rpmlint: a plain run reports only unknown-key (the build's signing key), none once the key is imported, as docs/packaging.md says", async () => {
   const home = join(work, "rpmhome");
   mkdirSync(home, { recursive: true });
   writeFileSync(join(home, ".rpmmacros"), `%_dbpath ${home}/rpmdb\n`);
   await must("rpm", ["--initdb"], { HOME: home });
-  await must("rpm", ["--import", join(ROOT, "dist/packages/egressd-rpm-key.asc")], { HOME: home });
+  const errors = (out: string) =>
+    out
+      .split("\n")
+      .filter((l) => / E: /.test(l))
+      .map((l) => l.replace(/^.* E: /, "").split(" ")[0]);
+  const plain = await run("rpmlint", [RPM], { HOME: home });
+  assert.equal(errors(plain.stdout), ["unknown-key"], plain.stdout);
+  await must("rpm", ["--import", join(PKGS, "egressd-rpm-key.asc")], { HOME: home });
   const r = await run("rpmlint", [RPM], { HOME: home });
-  const errors = r.stdout.split("\n").filter((l) => / E: /.test(l));
-  assert.equal(errors, [], r.stdout);
+  assert.equal(errors(r.stdout), [], r.stdout);
   assert.match(r.stdout, "0 errors");
+  const doc = readFileSync(join(ROOT, "docs/packaging.md"), "utf8");
+  assert.match(doc, "`unknown-key`");
+  for (const w of new Set(r.stdout.match(/(?<= W: )[a-z%-]+/g) ?? []))
+    assert.match(doc, `\`${w}\``, `docs/packaging.md explains rpmlint's ${w}`);
 });
 
 test("the unit's exposure score is 3.0 or lower, as docs/packaging.md records", async () => {
@@ -143,7 +186,7 @@ test("the .deb installs into Debian 13 with apt, runs, upgrades keeping the conf
   const root = join(work, "trixie");
   await must("cp", ["-a", BASE, root]);
   cpSync(DEB, join(root, "tmp/egressd.deb"));
-  cpSync(next, join(root, "tmp/egressd-next.deb"));
+  cpSync(NEXT_DEB, join(root, "tmp/egressd-next.deb"));
   writeFileSync(join(root, "usr/sbin/policy-rc.d"), "#!/bin/sh\nexit 101\n", { mode: 0o755 });
 
   await mustInRoot(
@@ -174,13 +217,21 @@ test("the .deb installs into Debian 13 with apt, runs, upgrades keeping the conf
     root,
     "egressctl register svc-pkg --user svc-pkg --create-user && egressctl allow svc-pkg 192.0.2.1:443",
   );
+  // Both programs reach the kernel through libnftables and the packaged koffi module: with the
+  // nft program moved away they still apply, and egressctl says which way it went.
+  const withoutNft = (cmd: string) =>
+    `mv /usr/sbin/nft /usr/sbin/nft.away && { ${cmd}; rc=$?; mv /usr/sbin/nft.away /usr/sbin/nft; [ $rc -eq 0 ]; }`;
   const applied = await mustInRoot(
     root,
-    "egressd --once >/tmp/once.log && nft list table inet egressd",
+    `${withoutNft("egressd --once >/tmp/once.log")} && nft list table inet egressd`,
     true,
   );
   assert.match(applied.stdout, "meta skuid vmap @uid_dispatch");
   assert.match(applied.stdout, "192.0.2.1 . tcp . 443");
+  const ctl = await mustInRoot(root, withoutNft("egressctl --json apply"), true);
+  const nft = (JSON.parse(ctl.stdout) as { nft: { backend: string; detail: string } }).nft;
+  assert.is(nft.backend, "libnftables", nft.detail);
+  assert.match(nft.detail, "in-process through koffi");
 
   // Upgrade: the operator's edit of the conffile survives.
   const conf = join(root, "etc/egressd/egressd.json");
@@ -231,6 +282,17 @@ test("the .deb installs into Debian 13 with apt, runs, upgrades keeping the conf
   );
   assert.not.ok(existsSync(join(root, "etc/egressd")), "config removed on purge");
   assert.not.ok(existsSync(join(root, "var/lib/egressd")), "state removed on purge");
+});
+
+test("the test leaves nothing behind: no package under dist/packages/, no build or work directory", () => {
+  assert.equal(
+    listing(PKG_TMP).filter((f) => f.startsWith("egressd-")),
+    [],
+    "scripts/package.ts removed its temp dirs",
+  );
+  rmSync(work, { recursive: true, force: true });
+  assert.not.ok(existsSync(work));
+  assert.equal(listing(distPackages), distBefore, "dist/packages/ untouched");
 });
 
 test.run();
