@@ -253,4 +253,3 @@ test("at start the saved state is enforced before any DNS query", async () => {
 });
 
 test.run();
-
