@@ -29,6 +29,7 @@ import { auditDiff, diff, type Finding } from "../rules/diff.ts";
 import { parseLive } from "../rules/live.ts";
 import { EgressError } from "../rules/errors.ts";
 import type { NameMatcher } from "../rules/name-match.ts";
+import { dnsBypassWarnings } from "../rules/nsswitch.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import { DEFAULT_MARGIN_MS, reconcile, type Reconciled } from "../rules/reconcile.ts";
 import type { Ruleset, SetDef } from "../rules/ruleset.ts";
@@ -67,6 +68,8 @@ export interface DaemonDeps {
   log: Logger;
   /** The DNS proxies of DNS-aware services; absent: none are served. */
   proxies?: Proxies;
+  /** The host's nsswitch.conf and whether nscd runs (for the DNS-bypass warning of status). */
+  nameService?: () => Promise<{ nsswitch: string; nscdRunning: boolean }>;
   /** Forgets the port-53 conntrack entries, so flows that predate a redirect take it. */
   flushDnsConntrack?: () => Promise<void>;
   /** Called after the config is (re)loaded, e.g. to reschedule the audit. */
@@ -1077,9 +1080,20 @@ export class Daemon {
         },
       );
     }
+    const warnings: string[] = [];
+    if (l?.policies.some((p) => p.dns === "proxy") && this.deps.nameService) {
+      try {
+        const ns = await this.deps.nameService();
+        warnings.push(...dnsBypassWarnings(ns.nsswitch, ns.nscdRunning));
+      } catch {
+        // No nsswitch.conf: nothing to warn about.
+      }
+    }
     return {
       daemon: {
         pid: process.pid,
+        nft: { backend: this.deps.nft.backend, detail: this.deps.nft.detail },
+        warnings,
         startedAt: this.startedAt,
         table: l ? `inet ${l.config.table}` : null,
         lastApply: this.lastApply,

@@ -2,6 +2,8 @@
  * egressd's entry point. `--once` applies the policy and exits; without it egressd runs as
  * the daemon: enforce from saved state, keep names resolved, serve the control socket.
  */
+import { existsSync } from "node:fs";
+import { readFile } from "node:fs/promises";
 import type { Server } from "node:net";
 import { CommanderError } from "commander";
 import cron, { type ScheduledTask } from "node-cron";
@@ -129,6 +131,10 @@ async function daemon(g: GlobalOptions): Promise<number> {
     log,
     proxies,
     flushDnsConntrack,
+    nameService: async () => ({
+      nsswitch: await readFile(process.env.EGRESSD_NSSWITCH_CONF || "/etc/nsswitch.conf", "utf8"),
+      nscdRunning: existsSync("/var/run/nscd/socket"),
+    }),
     onConfig: scheduleAudit,
   });
   const housekeeping = cron.schedule("* * * * *", () => d.housekeep(), {

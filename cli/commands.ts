@@ -572,6 +572,8 @@ interface StatusData {
     lastAudit: { at: number; findings: number; repaired: boolean; remaining: number } | null;
     lastError: { code: string; message: string; at: number } | null;
     policyError: { message: string; problems?: { where: string; text: string }[] } | null;
+    nft?: { backend: string; detail: string };
+    warnings?: string[];
   };
   services: {
     name: string;
@@ -613,8 +615,9 @@ interface FamilyStatus {
 function statusText(s: StatusData): string {
   const d = s.daemon;
   const lines = [
-    `egressd running (pid ${d.pid}), table ${d.table ?? "-"}, last apply ${time(d.lastApply?.at)}${d.lastApply ? ` (${d.lastApply.kind})` : ""}`,
+    `egressd running (pid ${d.pid}), table ${d.table ?? "-"}, last apply ${time(d.lastApply?.at)}${d.lastApply ? ` (${d.lastApply.kind})` : ""}${d.nft ? `, nft via ${d.nft.backend}` : ""}`,
   ];
+  for (const w of d.warnings ?? []) lines.push(`  warning: ${w}`);
   const a = d.lastAudit;
   const auditResult = (x: NonNullable<typeof a>) =>
     x.findings

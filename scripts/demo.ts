@@ -2,13 +2,16 @@
  * `npm run demo`: the real egressd and egressctl in a throwaway network namespace, narrated.
  * Nothing here touches the host's firewall: every nft command runs inside the namespace.
  */
-import { eventually, Sandbox, type Daemon } from "../test/helpers/sandbox.ts";
+import { eventually, Sandbox, type Daemon, type Records } from "../test/helpers/sandbox.ts";
 
 const SERVICE_UID = 2001;
 const OTHER_UID = 3001;
 const OLD = "192.0.2.10";
 const NEW = "192.0.2.11";
 const ELSEWHERE = "198.51.100.20";
+const OLD_STYLE_UID = 2002;
+/** A load balancer: seven addresses, one per answer, TTL 5 s. */
+const ROT = Array.from({ length: 7 }, (_, i) => `203.0.113.${100 + i}`);
 
 const bold = (s: string) => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
 const say = (s: string) => console.log(`\n${bold("== " + s)}`);
@@ -24,6 +27,12 @@ function baseRules(listing: string, chain: string): number {
   const body = new RegExp(`chain ${chain} \\{\\n([\\s\\S]*?)\\n\\s*\\}`).exec(listing)?.[1] ?? "";
   return body.split("\n").filter((l) => l.trim() && !/^\s*type \w+ hook/.test(l)).length;
 }
+
+const RECORDS = (api: string): Records => ({
+  "api.example.test": { A: [api], ttl: 2 },
+  "www.lb.example.test": { A: ROT, rotate: true, ttl: 5 },
+  "c2VjcmV0.exfil.example.test": { A: [ELSEWHERE], ttl: 60 },
+});
 
 async function ctl(sb: Sandbox, ...args: string[]): Promise<void> {
   console.log(`$ egressctl ${args.join(" ")}`);
@@ -51,11 +60,14 @@ async function main(): Promise<void> {
     "Setting up two throwaway network namespaces, a host and its internet (the real firewall is not touched)",
   );
   const sb = await Sandbox.create({
-    addresses: [OLD, NEW, ELSEWHERE],
-    listen: [OLD, NEW, ELSEWHERE].flatMap((host) =>
-      [443, 8080].map((port) => ({ proto: "tcp" as const, host, port })),
-    ),
-    records: { "api.example.test": { A: [OLD], ttl: 2 } },
+    addresses: [OLD, NEW, ELSEWHERE, ...ROT],
+    listen: [
+      ...[OLD, NEW, ELSEWHERE].flatMap((host) =>
+        [443, 8080].map((port) => ({ proto: "tcp" as const, host, port })),
+      ),
+      ...ROT.map((host) => ({ proto: "tcp" as const, host, port: 443 })),
+    ],
+    records: RECORDS(OLD),
     config: {
       resolvers: ["127.0.0.1:53"],
       refresh: { minTtlSeconds: 1, maxTtlSeconds: 60, graceSeconds: 3 },
@@ -91,7 +103,7 @@ async function main(): Promise<void> {
     console.log("   (refusals are TCP resets: the client knows at once, nothing hangs)");
 
     say(`The provider moves api.example.test from ${OLD} to ${NEW}`);
-    sb.setRecords({ "api.example.test": { A: [NEW], ttl: 2 } });
+    sb.setRecords(RECORDS(NEW));
     const added = await daemon.waitFor(
       (l) => l.name === "api.example.test" && Array.isArray(l.added) && l.added.includes(NEW),
       20_000,
@@ -120,12 +132,55 @@ async function main(): Promise<void> {
     await connect(sb, SERVICE_UID, OLD, 443, "ECONNREFUSED");
     await connect(sb, SERVICE_UID, NEW, 443, "connected");
 
+    say(
+      "DNS-aware (the default): svc-demo's own lookups go to egressd, which answers only names it may reach",
+    );
+    await ctl(sb, "allow", "svc-demo", "*.lb.example.test:443");
+    console.log(
+      `   www.lb.example.test hands out one address of seven per query (${ROT[0]} ... ${ROT[6]}), TTL 5 s`,
+    );
+    const rounds = (uid: number) =>
+      sb.probe(uid, [
+        {
+          proto: "resolve-connect",
+          host: "127.0.0.1",
+          port: 53,
+          name: "www.lb.example.test",
+          connectPort: 443,
+          count: 10,
+        },
+      ]);
+    const [aware] = await rounds(SERVICE_UID);
+    const okAware = /^ok:(\d+)/.exec(aware?.result ?? "")?.[1];
+    console.log(`   svc-demo resolves and connects, 10 times: ${okAware}/10 connected`);
+    if (okAware !== "10") throw new Error(`demo expectation failed: ${aware?.result}`);
+    await ctl(sb, "register", "svc-old", "--user", String(OLD_STYLE_UID), "--dns", "system");
+    await ctl(sb, "allow", "svc-old", "www.lb.example.test:443");
+    const [old] = await rounds(OLD_STYLE_UID);
+    console.log(
+      `   the same from svc-old, "dns": "system" (egressd resolves on its own, the service asks the resolver): ${/^ok:(\d+)/.exec(old?.result ?? "")?.[1]}/10 connected`,
+    );
+
+    say("A name svc-demo may not look up never leaves the host");
+    const [leak] = await sb.probe(SERVICE_UID, [
+      { proto: "resolve", host: "127.0.0.1", port: 53, name: "c2VjcmV0.exfil.example.test" },
+    ]);
+    console.log(`   svc-demo asks for c2VjcmV0.exfil.example.test: ${leak?.result}`);
+    if (leak?.result !== "NXDOMAIN:") throw new Error(`demo expectation failed: ${leak?.result}`);
+    const seen = sb.dnsLog().some((l) => l.includes("exfil"));
+    console.log(
+      `   the DNS server's query log ${seen ? "SAW IT (unexpected)" : "never saw it: egressd answered NXDOMAIN itself"}`,
+    );
+    if (seen) throw new Error("demo expectation failed: the query left the host");
+
     say("Live status");
     await ctl(sb, "status");
 
     const table = await sb.nft("list", "table", "inet", "egressd");
     // Counted from the listing, so the heading stays true when the ruleset changes.
-    const base = ["output", "input"].map((c) => `${baseRules(table, c)} rules in ${c}`).join(", ");
+    const base = ["output", "input", "dns_redirect"]
+      .map((c) => `${baseRules(table, c)} rules in ${c}`)
+      .join(", ");
     say(
       `The rules egressd keeps in the namespace's kernel: one table; its base chains hold ${base}, whatever the number of services`,
     );
