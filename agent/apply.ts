@@ -279,7 +279,9 @@ export async function applyPlan(
   p: Plan,
 ): Promise<{ kind: string; changes: number }> {
   const now = (deps.clock ?? Date.now)();
-  // A state path that cannot be written safely stops the apply before the kernel changes.
+  // A running daemon owns the table; a state path that cannot be written safely: either stops
+  // the apply before the kernel changes.
+  await deps.state?.assertNoDaemon("a one-shot apply");
   await deps.state?.checkWritable();
   const live = parseLive(await deps.nft.listTable(p.ruleset.table), p.ruleset.table, now);
   const r = reconcile(live, p.ruleset, { now, ...ONE_SHOT });
@@ -306,10 +308,12 @@ export async function auditTable(
   desired: Ruleset,
   repair: boolean,
   now = Date.now(),
+  state?: StateStore,
 ): Promise<{ findings: Finding[]; repaired: boolean; remaining: Finding[] }> {
   const live = parseLive(await nft.listTable(desired.table), desired.table, now);
   const findings = auditDiff(live, desired, now);
   if (!repair || !findings.length) return { findings, repaired: false, remaining: findings };
+  await state?.assertNoDaemon("a one-shot repair");
   const r = reconcile(live, desired, { now, ...ONE_SHOT });
   await nft.apply({ nftables: r.commands });
   return { findings, repaired: true, remaining: await pendingChanges(nft, desired, now) };

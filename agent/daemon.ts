@@ -12,17 +12,19 @@ import type { Logger } from "pino";
 import { DROPPED_HINT, filterAddresses, type Dropped } from "../rules/address-filter.ts";
 import { replaceBatch } from "../rules/batch.ts";
 import {
+  assemble,
   checkDistinctOwners,
   compile,
+  compileService,
   domainAllowances,
   nameMatcher,
   nameSetNames,
   nameSetsFor,
-  serviceNameSets,
   serviceObject,
   UID_PROXY,
   type ResolverAddr,
   type ServiceInput,
+  type ServiceParts,
 } from "../rules/compile.ts";
 import { checkInboundOverlap } from "../rules/inbound.ts";
 import { auditDiff, diff, type Finding } from "../rules/diff.ts";
@@ -32,7 +34,7 @@ import type { NameMatcher } from "../rules/name-match.ts";
 import { dnsBypassWarnings } from "../rules/nsswitch.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import { DEFAULT_MARGIN_MS, reconcile, type Reconciled } from "../rules/reconcile.ts";
-import type { Ruleset, SetDef } from "../rules/ruleset.ts";
+import type { Ruleset } from "../rules/ruleset.ts";
 import { parsePorts } from "../rules/target.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
 import { resolvePrincipals } from "./apply.ts";
@@ -103,6 +105,15 @@ export interface ApplySummary {
 }
 
 const MAX_TIMER = 2 ** 31 - 1;
+
+/** A number per policy object: a reloaded or changed policy is a new object, so a new number. */
+const policyIds = new WeakMap<ServicePolicy, number>();
+let nextPolicyId = 0;
+function policyId(p: ServicePolicy): number {
+  let id = policyIds.get(p);
+  if (id === undefined) policyIds.set(p, (id = ++nextPolicyId));
+  return id;
+}
 const plural = (n: number, w: string) => `${n} ${w}${n === 1 ? "" : "s"}`;
 const key = (l: Lookup) => `${l.family}|${l.name}`;
 
@@ -126,6 +137,8 @@ export class Daemon {
   private readonly inflight = new Map<string, Promise<void>>();
   /** Dropped addresses already logged, so each is logged once per name. */
   private readonly droppedLogged = new Set<string>();
+  /** Each service's compiled parts, and what they were compiled from. */
+  private readonly parts = new Map<string, { key: string; parts: ServiceParts }>();
   /** Loopback port of each DNS-aware service's proxy (kept across restarts in the state file). */
   private ports = new Map<string, number>();
   /** Services whose learned addresses wait for the next proxy transaction, and who waits. */
@@ -404,17 +417,45 @@ export class Daemon {
     });
   }
 
-  /** The desired table: policy, refresh answers and learned addresses alive at `now`. */
+  /**
+   * The desired table: policy, refresh answers and learned addresses alive at `now`. Each
+   * service is recompiled only when something it is compiled from changed (its policy, port,
+   * the answers for its names, what its proxy learned); its unchanged parts are the same
+   * objects as before, which reconcile skips without comparing them.
+   */
   private desired(now: number): Ruleset {
     const l = this.loaded as Loaded;
-    return compile({
-      table: l.config.table,
-      resolvers: l.resolvers,
-      services: this.inputs(),
-      resolutions: (this.names as NameTable).snapshot(now),
-      learned: (this.learned as LearnedTable).all(now),
-      adopted: this.adopted(now),
-    });
+    const learned = this.learned as LearnedTable;
+    const snapshot = (this.names as NameTable).snapshot(now);
+    const all: ServiceParts[] = [];
+    const seen = new Set<string>();
+    for (const svc of this.inputs()) {
+      const name = svc.policy.name;
+      seen.add(name);
+      const key = [
+        policyId(svc.policy),
+        svc.uid,
+        svc.gid ?? "",
+        svc.proxyPort ?? "",
+        learned.version(name),
+        ...domainAllowances(svc.policy).map((d) => `${d.name}=${snapshot.get(d.name)?.join(",")}`),
+      ].join("|");
+      const cached = this.parts.get(name);
+      if (cached?.key === key) {
+        all.push(cached.parts);
+        continue;
+      }
+      const parts = compileService(
+        svc,
+        snapshot,
+        learned.of(name, now),
+        learned.adoptedOf(name, now),
+      );
+      this.parts.set(name, { key, parts });
+      all.push(parts);
+    }
+    for (const name of [...this.parts.keys()]) if (!seen.has(name)) this.parts.delete(name);
+    return assemble(l.config.table, l.resolvers, all);
   }
 
   /** Timed elements adopted from the kernel at start-up, by service and set. */
@@ -481,7 +522,7 @@ export class Daemon {
    * transaction. If the kernel refuses the change (it no longer holds what egressd applied),
    * egressd lists it and reconciles again from what it really holds.
    */
-  private async commit(): Promise<ApplySummary> {
+  private async commit(opts: { save: "now" | "soon" } = { save: "now" }): Promise<ApplySummary> {
     const { log, clock } = this.deps;
     const l = this.loaded as Loaded;
     const names = this.names as NameTable;
@@ -535,7 +576,8 @@ export class Daemon {
     this.lastApply = summary;
     this.logNameChanges(now);
     await this.flushConntrackFor(before);
-    await this.saveState();
+    if (opts.save === "now") await this.saveState();
+    else this.saveSoon();
     this.schedule();
     return summary;
   }
@@ -694,17 +736,16 @@ export class Daemon {
     });
   }
 
-  /** Runs proxy transactions until nothing is pending: each one carries every service queued so far. */
+  /** Runs proxy transactions until nothing is pending: each one carries everything learned so far. */
   private kick(): void {
     if (this.flushing) return;
     this.flushing = (async () => {
       while (this.pendingLearned.size) {
-        const services = [...this.pendingLearned];
         this.pendingLearned.clear();
         const waiters = this.waiters;
         this.waiters = [];
         try {
-          await this.serial(() => this.pushLearned(services));
+          await this.serial(() => this.pushLearned());
           for (const w of waiters) w.resolve();
         } catch (err) {
           for (const w of waiters) w.reject(err);
@@ -716,53 +757,12 @@ export class Daemon {
     });
   }
 
-  /** One transaction with the learned addresses of `services`: their name sets, reconciled. */
-  private async pushLearned(services: readonly string[]): Promise<void> {
-    const l = this.loaded as Loaded;
-    const now = this.deps.clock();
-    if (!this.applied) {
-      await this.commit();
-      return;
-    }
-    const inputs = new Map(this.inputs().map((s) => [s.policy.name, s]));
-    const resolutions = (this.names as NameTable).snapshot(now);
-    const replaced = new Map<string, SetDef>();
-    for (const name of services) {
-      const svc = inputs.get(name);
-      if (!svc) continue;
-      const learned = this.learned as LearnedTable;
-      const sets = serviceNameSets(
-        svc,
-        resolutions,
-        learned.of(name, now),
-        learned.adoptedOf(name, now),
-      );
-      for (const s of sets) replaced.set(s.name, s);
-    }
-    if ([...replaced.keys()].some((n) => !this.applied?.sets.some((s) => s.name === n))) {
-      // The service's sets are not in the kernel yet (a change not applied yet): a full commit.
-      await this.commit();
-      return;
-    }
-    const desired: Ruleset = {
-      ...this.applied,
-      sets: this.applied.sets.map((s) => replaced.get(s.name) ?? s),
-    };
-    const r = reconcile(this.applied, desired, this.reconcileOptions(now));
-    try {
-      await this.send(r);
-    } catch (err) {
-      this.deps.log.warn(
-        { err: err instanceof EgressError ? err.toJSON() : String(err), services },
-        "the kernel refused learned addresses; reconciling from a fresh listing",
-      );
-      this.applied = parseLive(await this.deps.nft.listTable(l.config.table), l.config.table, now);
-      await this.commit();
-    }
-    if (r.kind !== "none")
-      this.deps.log.debug({ services, changes: r.changes }, "learned addresses applied");
-    this.saveSoon();
-    this.schedule();
+  /**
+   * One transaction with what the proxies learned: a commit, which recompiles only the services
+   * whose learned addresses changed (their name sets), and saves state within a second.
+   */
+  private async pushLearned(): Promise<void> {
+    await this.commit({ save: "soon" });
   }
 
   /** Saves state within a second (proxy transactions can come many per second). */

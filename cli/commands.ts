@@ -729,7 +729,7 @@ export async function audit(ctx: Ctx, opts: { repair?: boolean }): Promise<Resul
     // Compare with what was applied: the saved resolutions, not new DNS answers.
     const { auditTable, plan } = await oneShot();
     const p = await plan(ctx, "missing");
-    const a = await auditTable(ctx.nft, p.ruleset, repair);
+    const a = await auditTable(ctx.nft, p.ruleset, repair, Date.now(), ctx.state);
     r = { findings: a.findings, repaired: a.repaired, remaining: a.remaining.length };
     table = `table inet ${p.ruleset.table}`;
   }

@@ -289,16 +289,6 @@ function nameSets(
 
 const familyOf = (address: string): Family => (address.includes(":") ? 6 : 4);
 
-/** A service's name sets alone (what the DNS proxy updates between full compiles). */
-export function serviceNameSets(
-  svc: ServiceInput,
-  resolutions: CompileInput["resolutions"],
-  learned: Learned | undefined,
-  adopted?: ReadonlyMap<string, ReadonlyMap<string, number>>,
-): SetDef[] {
-  return nameSets(svc, resolutions, learned, adopted).sets;
-}
-
 /** The names of a service's name sets. */
 export function nameSetNames(policy: ServicePolicy): Set<string> {
   const out = new Set<string>();
@@ -485,111 +475,174 @@ export function checkDistinctOwners(services: readonly ServiceInput[]): void {
     throw invalid("ERR_EGRESS_ID_CONFLICT", "two services share an owner", problems);
 }
 
-/** Compiles the whole table. Services are ordered by name so output is deterministic. */
-export function compile(input: CompileInput): Ruleset {
-  const services = [...input.services].sort((a, b) => a.policy.name.localeCompare(b.policy.name));
-  checkDistinctOwners(services);
-  checkInboundOverlap(services.map((s) => s.policy));
-  const sets: SetDef[] = [
-    concatSet(resolverSet(4), 4, resolverAllows(input.resolvers, 4)),
-    concatSet(resolverSet(6), 6, resolverAllows(input.resolvers, 6)),
-  ];
-  const chains: ChainDef[] = [];
-  const counters: string[] = [];
-  const elems = {
-    uid: [] as unknown[],
-    gid: [] as unknown[],
-    uidServe: [] as unknown[],
-    gidServe: [] as unknown[],
-    ports: [] as unknown[],
+/**
+ * Everything one service contributes to the table: its chains, sets and counters, and its
+ * entries in the shared dispatch maps. Compiled on its own, so the daemon recompiles only the
+ * services a change touches (and reconcile skips the parts that are the same objects).
+ */
+export interface ServiceParts {
+  name: string;
+  chains: ChainDef[];
+  sets: SetDef[];
+  counters: string[];
+  uid: unknown[];
+  gid: unknown[];
+  uidServe: unknown[];
+  gidServe: unknown[];
+  ports: unknown[];
+  proxyUid: unknown[];
+  proxyGid: unknown[];
+  proxyUidPorts: unknown[];
+  proxyGidPorts: unknown[];
+}
+
+/** One service's parts, from its policy, the answers for its names and what its proxy learned. */
+export function compileService(
+  svc: ServiceInput,
+  resolutions: CompileInput["resolutions"],
+  learned?: Learned,
+  adopted?: ReadonlyMap<string, ReadonlyMap<string, number>>,
+): ServiceParts {
+  const built = serviceChain(svc, resolutions, learned, adopted);
+  const inbound = inboundParts(svc);
+  const parts: ServiceParts = {
+    name: svc.policy.name,
+    chains: [built.chain, ...inbound.chains],
+    sets: [...built.sets, ...inbound.sets],
+    counters: [built.chain.name, inbound.counter],
+    uid: [[svc.uid, { goto: { target: built.chain.name } }]],
+    gid: [],
+    uidServe: [[svc.uid, { goto: { target: inbound.reply } }]],
+    gidServe: [],
+    ports: inbound.ports,
+    proxyUid: [],
+    proxyGid: [],
+    proxyUidPorts: [],
+    proxyGidPorts: [],
   };
-  const proxy = {
-    uid: [] as unknown[],
-    gid: [] as unknown[],
-    uidPorts: [] as unknown[],
-    gidPorts: [] as unknown[],
-  };
-  for (const svc of services) {
-    const built = serviceChain(
-      svc,
-      input.resolutions,
-      input.learned?.get(svc.policy.name),
-      input.adopted?.get(svc.policy.name),
-    );
-    const inbound = inboundParts(svc);
-    chains.push(built.chain, ...inbound.chains);
-    sets.push(...built.sets, ...inbound.sets);
-    counters.push(built.chain.name, inbound.counter);
-    elems.ports.push(...inbound.ports);
-    elems.uid.push([svc.uid, { goto: { target: built.chain.name } }]);
-    elems.uidServe.push([svc.uid, { goto: { target: inbound.reply } }]);
+  if (svc.gid !== undefined) {
+    parts.gid.push([svc.gid, { goto: { target: built.chain.name } }]);
+    parts.gidServe.push([svc.gid, { goto: { target: inbound.reply } }]);
+  }
+  if (svc.policy.dns === "proxy" && svc.proxyPort !== undefined) {
+    parts.proxyUid.push([svc.uid, svc.proxyPort]);
+    parts.proxyUidPorts.push({ concat: [svc.uid, svc.proxyPort] });
     if (svc.gid !== undefined) {
-      elems.gid.push([svc.gid, { goto: { target: built.chain.name } }]);
-      elems.gidServe.push([svc.gid, { goto: { target: inbound.reply } }]);
-    }
-    if (svc.policy.dns === "proxy" && svc.proxyPort !== undefined) {
-      proxy.uid.push([svc.uid, svc.proxyPort]);
-      proxy.uidPorts.push({ concat: [svc.uid, svc.proxyPort] });
-      if (svc.gid !== undefined) {
-        proxy.gid.push([svc.gid, svc.proxyPort]);
-        proxy.gidPorts.push({ concat: [svc.gid, svc.proxyPort] });
-      }
+      parts.proxyGid.push([svc.gid, svc.proxyPort]);
+      parts.proxyGidPorts.push({ concat: [svc.gid, svc.proxyPort] });
     }
   }
+  return parts;
+}
+
+const ESTABLISHED: Expr[] = [
+  { match: { op: "in", left: { ct: { key: "state" } }, right: ["established", "related"] } },
+  { accept: null },
+];
+
+/** Freezes a value and everything in it (the base chains are shared by every table compiled). */
+function deepFreeze<T>(v: T): T {
+  if (v && typeof v === "object" && !Object.isFrozen(v)) {
+    Object.freeze(v);
+    for (const x of Object.values(v)) deepFreeze(x);
+  }
+  return v;
+}
+
+/** The base chains: the same objects every time (reconcile skips what is identical). */
+const OUTPUT: ChainDef = deepFreeze({
+  name: BASE_CHAIN,
+  base: { type: "filter", hook: "output", prio: 0, policy: "accept" },
+  rules: [
+    // A managed service's answers first: only from ports it declared (its SYN-ACK counts as established).
+    serveDispatchRule("skuid", UID_SERVE),
+    serveDispatchRule("skgid", GID_SERVE),
+    ESTABLISHED,
+    // A DNS query redirected to the sender's own proxy port (and only that way, only its own).
+    proxyAcceptRule("skuid", UID_PROXY_PORTS),
+    proxyAcceptRule("skgid", GID_PROXY_PORTS),
+    [{ vmap: { key: { meta: { key: "skuid" } }, data: `@${UID_MAP}` } }],
+    [{ vmap: { key: { meta: { key: "skgid" } }, data: `@${GID_MAP}` } }],
+  ],
+});
+const REDIRECT: ChainDef = deepFreeze({
+  name: NAT_CHAIN,
+  base: { type: "nat", hook: "output", prio: -100, policy: "accept" },
+  rules: [redirectRule("skuid", UID_PROXY), redirectRule("skgid", GID_PROXY)],
+});
+const INPUT: ChainDef = deepFreeze({
+  name: IN_CHAIN,
+  base: { type: "filter", hook: "input", prio: 0, policy: "accept" },
+  rules: [ESTABLISHED, inDispatchRule],
+});
+
+/**
+ * The whole table from the services' parts (ordered by service name, so the output is
+ * deterministic): shared maps, resolver sets and base chains around them. Checks nothing:
+ * callers check owners and inbound ports first (compile does).
+ */
+export function assemble(
+  table: string,
+  resolvers: readonly ResolverAddr[],
+  parts: readonly ServiceParts[],
+): Ruleset {
+  const sorted = [...parts].sort((a, b) => a.name.localeCompare(b.name));
+  const all = (k: keyof Omit<ServiceParts, "name" | "chains" | "sets" | "counters">) =>
+    sorted.flatMap((p) => p[k]);
   const byKey = (a: unknown, b: unknown) => (a as [number])[0] - (b as [number])[0];
   const byConcat = (a: unknown, b: unknown) =>
     (a as { concat: [number] }).concat[0] - (b as { concat: [number] }).concat[0];
-  sets.unshift(
-    { name: UID_PROXY, type: "uid", map: "inet_service", elem: proxy.uid.sort(byKey) },
-    { name: GID_PROXY, type: "gid", map: "inet_service", elem: proxy.gid.sort(byKey) },
-    { name: UID_PROXY_PORTS, type: ["uid", "inet_service"], elem: proxy.uidPorts.sort(byConcat) },
-    { name: GID_PROXY_PORTS, type: ["gid", "inet_service"], elem: proxy.gidPorts.sort(byConcat) },
-    { name: UID_MAP, type: "uid", map: "verdict", elem: elems.uid.sort(byKey) },
-    { name: GID_MAP, type: "gid", map: "verdict", elem: elems.gid.sort(byKey) },
-    { name: UID_SERVE, type: "uid", map: "verdict", elem: elems.uidServe.sort(byKey) },
-    { name: GID_SERVE, type: "gid", map: "verdict", elem: elems.gidServe.sort(byKey) },
+  const sets: SetDef[] = [
+    { name: UID_PROXY, type: "uid", map: "inet_service", elem: all("proxyUid").sort(byKey) },
+    { name: GID_PROXY, type: "gid", map: "inet_service", elem: all("proxyGid").sort(byKey) },
+    {
+      name: UID_PROXY_PORTS,
+      type: ["uid", "inet_service"],
+      elem: all("proxyUidPorts").sort(byConcat),
+    },
+    {
+      name: GID_PROXY_PORTS,
+      type: ["gid", "inet_service"],
+      elem: all("proxyGidPorts").sort(byConcat),
+    },
+    { name: UID_MAP, type: "uid", map: "verdict", elem: all("uid").sort(byKey) },
+    { name: GID_MAP, type: "gid", map: "verdict", elem: all("gid").sort(byKey) },
+    { name: UID_SERVE, type: "uid", map: "verdict", elem: all("uidServe").sort(byKey) },
+    { name: GID_SERVE, type: "gid", map: "verdict", elem: all("gidServe").sort(byKey) },
     {
       name: IN_DISPATCH,
       type: ["inet_proto", "inet_service"],
       map: "verdict",
       flags: ["interval"],
-      elem: elems.ports,
+      elem: all("ports"),
     },
-  );
-  const established: Expr[] = [
-    { match: { op: "in", left: { ct: { key: "state" } }, right: ["established", "related"] } },
-    { accept: null },
+    concatSet(resolverSet(4), 4, resolverAllows(resolvers, 4)),
+    concatSet(resolverSet(6), 6, resolverAllows(resolvers, 6)),
   ];
-  const output: ChainDef = {
-    name: BASE_CHAIN,
-    base: { type: "filter", hook: "output", prio: 0, policy: "accept" },
-    rules: [
-      // A managed service's answers first: only from ports it declared (its SYN-ACK counts as established).
-      serveDispatchRule("skuid", UID_SERVE),
-      serveDispatchRule("skgid", GID_SERVE),
-      established,
-      // A DNS query redirected to the sender's own proxy port (and only that way, only its own).
-      proxyAcceptRule("skuid", UID_PROXY_PORTS),
-      proxyAcceptRule("skgid", GID_PROXY_PORTS),
-      [{ vmap: { key: { meta: { key: "skuid" } }, data: `@${UID_MAP}` } }],
-      [{ vmap: { key: { meta: { key: "skgid" } }, data: `@${GID_MAP}` } }],
-    ],
-  };
-  const redirect: ChainDef = {
-    name: NAT_CHAIN,
-    base: { type: "nat", hook: "output", prio: -100, policy: "accept" },
-    rules: [redirectRule("skuid", UID_PROXY), redirectRule("skgid", GID_PROXY)],
-  };
-  const inputChain: ChainDef = {
-    name: IN_CHAIN,
-    base: { type: "filter", hook: "input", prio: 0, policy: "accept" },
-    rules: [established, inDispatchRule],
-  };
+  for (const p of sorted) sets.push(...p.sets);
   return {
     family: "inet",
-    table: input.table,
-    counters,
+    table,
+    counters: sorted.flatMap((p) => p.counters),
     sets,
-    chains: [output, inputChain, redirect, ...chains],
+    chains: [OUTPUT, INPUT, REDIRECT, ...sorted.flatMap((p) => p.chains)],
   };
+}
+
+/** Compiles the whole table. */
+export function compile(input: CompileInput): Ruleset {
+  checkDistinctOwners(input.services);
+  checkInboundOverlap(input.services.map((s) => s.policy));
+  return assemble(
+    input.table,
+    input.resolvers,
+    input.services.map((svc) =>
+      compileService(
+        svc,
+        input.resolutions,
+        input.learned?.get(svc.policy.name),
+        input.adopted?.get(svc.policy.name),
+      ),
+    ),
+  );
 }

@@ -77,6 +77,8 @@ interface ElementPlan {
 
 /** Element changes that take `have` (same definition) to `want`. */
 function elementPlan(have: SetDef, want: SetDef, o: ReconcileOptions): ElementPlan {
+  // The same object (a part the daemon did not recompile): nothing can differ.
+  if (have === want) return { deletes: [], adds: [], after: want, wakeAt: null };
   const { now } = o;
   const haveExp = have.expires ?? {};
   const wantExp = want.expires ?? {};
@@ -141,6 +143,15 @@ function elementPlan(have: SetDef, want: SetDef, o: ReconcileOptions): ElementPl
     if (safeToDelete(k)) deletes.push(e);
     // else: it is about to expire on its own; a delete could abort the transaction.
   }
+  // Nothing to send and the kernel holds exactly what is wanted: keep the desired object, so the
+  // next reconcile sees the same object and skips it.
+  const same =
+    !deletes.length &&
+    !adds.length &&
+    wakeAt === null &&
+    Object.keys(afterExp).length === Object.keys(wantExp).length &&
+    Object.entries(afterExp).every(([k, t]) => wantExp[k] === t);
+  if (same) return { deletes, adds, after: want, wakeAt };
   const after: SetDef = { ...want, elem: afterElem };
   if (Object.keys(afterExp).length) after.expires = afterExp;
   else delete after.expires;
@@ -196,14 +207,14 @@ export function reconcile(
   const goneSets = applied.sets.filter((s) => !wantSets.has(s.name));
   const redefined = desired.sets.filter((s) => {
     const h = haveSets.get(s.name);
-    return h !== undefined && setShape(h) !== setShape(s);
+    return h !== undefined && h !== s && setShape(h) !== setShape(s);
   });
   const recreate = new Set([...goneSets, ...redefined].map((s) => s.name));
   // Chains whose rules change, or that refer to a set that is re-created, are refilled.
   const refill = desired.chains.filter((c) => {
     const h = haveChains.get(c.name);
     if (!h) return false;
-    if (stableKey(h.rules) !== stableKey(c.rules)) return true;
+    if (h !== c && h.rules !== c.rules && stableKey(h.rules) !== stableKey(c.rules)) return true;
     for (const r of references(h)) if (recreate.has(r)) return true;
     return false;
   });

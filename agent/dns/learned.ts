@@ -26,6 +26,16 @@ export class LearnedTable {
    * They are kept, by set, until they expire: a restart loses nothing a client may still use.
    */
   private readonly adopted = new Map<string, Map<string, Map<string, number>>>();
+  /** Bumped whenever a service's learned addresses change (the daemon recompiles it then). */
+  private readonly versions = new Map<string, number>();
+  private bump(service: string): void {
+    this.versions.set(service, (this.versions.get(service) ?? 0) + 1);
+  }
+
+  /** A number that changes whenever `service`'s learned addresses do. */
+  version(service: string): number {
+    return this.versions.get(service) ?? 0;
+  }
   private host: ReadonlySet<string> = new Set();
 
   constructor(private settings: RefreshSettings) {}
@@ -35,24 +45,26 @@ export class LearnedTable {
     this.settings = settings;
     if (ctx) this.host = ctx.hostAddresses;
     const pruned: (Dropped & { name: string })[] = [];
-    for (const names of this.services.values()) {
+    for (const [service, names] of this.services) {
       for (const [name, addrs] of names) {
         for (const a of [...addrs.keys()]) {
           const why = this.reason(a);
           if (why) {
             addrs.delete(a);
+            this.bump(service);
             pruned.push({ name, address: a, reason: why });
           }
         }
         if (!addrs.size) names.delete(name);
       }
     }
-    for (const sets of this.adopted.values())
+    for (const [service, sets] of this.adopted)
       for (const [set, m] of sets)
         for (const a of [...m.keys()]) {
           const why = this.reason(a);
           if (why) {
             m.delete(a);
+            this.bump(service);
             pruned.push({ name: `(${set})`, address: a, reason: why });
           }
         }
@@ -89,6 +101,7 @@ export class LearnedTable {
     let addrs = names.get(name);
     if (!addrs) names.set(name, (addrs = new Map()));
     const expires = this.expiryFor(ttl, now);
+    this.bump(service);
     for (const a of addresses) {
       const e = addrs.get(a);
       addrs.set(a, { expires: Math.max(e?.expires ?? 0, expires), answered: now });
@@ -109,6 +122,7 @@ export class LearnedTable {
     let m = sets.get(set);
     if (!m) sets.set(set, (m = new Map()));
     m.set(address, Math.max(m.get(address) ?? 0, expires));
+    this.bump(service);
   }
 
   /** Adopted elements of `service` still alive at `now`, by set. */
@@ -129,9 +143,14 @@ export class LearnedTable {
       const m = matchers.get(service);
       if (!m) {
         this.services.delete(service);
+        this.bump(service);
         continue;
       }
-      for (const name of [...names.keys()]) if (!m.matches(name)) names.delete(name);
+      for (const name of [...names.keys()])
+        if (!m.matches(name)) {
+          names.delete(name);
+          this.bump(service);
+        }
     }
   }
 
@@ -139,14 +158,22 @@ export class LearnedTable {
   prune(now: number): void {
     for (const [service, sets] of this.adopted) {
       for (const [set, m] of sets) {
-        for (const [a, t] of m) if (t <= now) m.delete(a);
+        for (const [a, t] of m)
+          if (t <= now) {
+            m.delete(a);
+            this.bump(service);
+          }
         if (!m.size) sets.delete(set);
       }
       if (!sets.size) this.adopted.delete(service);
     }
     for (const [service, names] of this.services) {
       for (const [name, addrs] of names) {
-        for (const [a, e] of addrs) if (e.expires <= now) addrs.delete(a);
+        for (const [a, e] of addrs)
+          if (e.expires <= now) {
+            addrs.delete(a);
+            this.bump(service);
+          }
         if (!addrs.size) names.delete(name);
       }
       if (!names.size) this.services.delete(service);

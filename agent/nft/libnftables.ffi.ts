@@ -44,7 +44,7 @@ let koffiModule: Koffi | null = null;
  * /usr/lib/egressd/koffi.node), else the koffi package (running from a checkout). Loaded and
  * configured once per process: koffi refuses a new configuration once it has made a call.
  */
-function loadKoffi(): Koffi {
+export function loadKoffi(): Koffi {
   if (koffiModule) return koffiModule;
   const koffi = findKoffi();
   // libnftables keeps a 64 KiB netlink receive buffer on its stack: with a 64 KiB stack a

@@ -6,9 +6,9 @@
 import { constants } from "node:fs";
 import { access, mkdir, readdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
-import lockfile from "proper-lockfile";
 import { EgressError, invalid, type Problem } from "../../rules/errors.ts";
 import { parseJsonText } from "../../rules/json-text.ts";
+import { acquire, type Held } from "./pid-lock.fs.ts";
 import { writeSafely } from "./safe-file.fs.ts";
 import {
   DEFAULT_CONFIG,
@@ -128,25 +128,26 @@ export class PolicyStore {
     } catch (err) {
       throw fsError(err, `change the policy in ${this.configDir}`);
     }
-    let release: () => Promise<void>;
+    const lockPath = join(this.configDir, ".egressctl.lock");
+    let lock;
     try {
-      release = await lockfile.lock(this.configDir, {
-        lockfilePath: join(this.configDir, ".egressctl.lock"),
-        retries: { retries: 100, minTimeout: 10, maxTimeout: 200 },
-        stale: 15_000,
-      });
+      // A lock left by a killed writer is taken over at once (its pid no longer runs).
+      lock = await acquire(lockPath, { waitMs: 10_000 });
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "ELOCKED")
-        throw fsError(err, `lock ${this.configDir}`);
+      throw fsError(err, `lock ${this.configDir}`);
+    }
+    if ("owner" in lock) {
       throw new EgressError(
         "ERR_EGRESS_LOCKED",
-        `cannot lock ${this.configDir}: another egressctl has held its lock for the last few seconds`,
+        `cannot lock ${this.configDir}: egressctl (pid ${lock.owner}) has been changing the policy for 10 s`,
         {
           exitCode: 3,
-          hint: `another egressctl is changing the policy; retry in a moment (a lock left by a killed egressctl, ${join(this.configDir, ".egressctl.lock")}, is taken over after 15 s)`,
+          hint: `wait for it to finish, then retry (${lockPath} names the writer)`,
+          details: { owner: lock.owner },
         },
       );
     }
+    const release = () => (lock as Held).release();
     try {
       return await fn();
     } finally {

@@ -7,6 +7,7 @@
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { EgressError } from "../../rules/errors.ts";
+import { acquire, holder, type Held } from "./pid-lock.fs.ts";
 import { checkReplaceable, dirOwner, ownersFor, readSafely, writeSafely } from "./safe-file.fs.ts";
 
 export interface SavedState {
@@ -26,6 +27,36 @@ export class StateStore {
 
   get file(): string {
     return join(this.dir, "state.json");
+  }
+
+  /** The lock a running daemon holds on this state dir for its whole life. */
+  get lockFile(): string {
+    return join(this.dir, "egressd.pid");
+  }
+
+  /** Takes the daemon's lock, or says which live egressd holds it. */
+  async lockForDaemon(): Promise<Held | { owner: number }> {
+    await mkdir(this.dir, { recursive: true, mode: 0o700 });
+    await dirOwner(this.dir);
+    return acquire(this.lockFile, { waitMs: 0 });
+  }
+
+  /**
+   * Fails (exit 3) when a daemon runs on this state dir: it owns the kernel's table, and a
+   * one-shot apply beside it would be a second writer.
+   */
+  async assertNoDaemon(what: string): Promise<void> {
+    const pid = await holder(this.lockFile);
+    if (pid === null) return;
+    throw new EgressError(
+      "ERR_EGRESS_RUNNING",
+      `egressd (pid ${pid}) is running on ${this.dir}, so ${what} would be a second writer of its table`,
+      {
+        exitCode: 3,
+        hint: "let the daemon apply it: egressctl apply (with the daemon's --socket), or systemctl reload egressd",
+        details: { pid },
+      },
+    );
   }
 
   /**

@@ -147,10 +147,14 @@ test("a service's new rule refills its chain only; a set whose definition change
 });
 
 test("a base chain whose hook priority changed: the whole table is replaced", () => {
-  const after = base();
-  const out = after.chains.find((c) => c.name === "output");
-  if (out?.base) out.base = { ...out.base, prio: 10 };
-  assert.is(reconcile(base(), after, O).kind, "replace");
+  const before = base();
+  const after: Ruleset = {
+    ...before,
+    chains: before.chains.map((c) =>
+      c.name === "output" && c.base ? { ...c, base: { ...c.base, prio: 10 } } : c,
+    ),
+  };
+  assert.is(reconcile(before, after, O).kind, "replace");
 });
 
 /** One name set with elements `elem` and expiries `expires`. */
