@@ -1,12 +1,13 @@
 /**
  * Tells systemd egressd is ready (Type=notify): once the cached ruleset is in the kernel, so
  * units ordered After=egressd.service start only when their traffic is already enforced.
- * libsystemd's sd_notify through koffi when it loads (no process, the main pid sends it),
- * else the systemd-notify program (the unit says NotifyAccess=all for that case).
+ * libsystemd's sd_notify through koffi (no process: the main pid sends it, as the unit's
+ * NotifyAccess=main requires); else the systemd-notify program, which systemd accepts only
+ * with NotifyAccess=all (a drop-in can set it where koffi cannot load).
  */
 import { execa } from "execa";
 import type { Logger } from "pino";
-import { loadKoffi } from "./nft/libnftables.ffi.ts";
+import { loadKoffi } from "./koffi.ffi.ts";
 
 /** Sends `state` ("READY=1\nSTATUS=...") to $NOTIFY_SOCKET; does nothing without one. */
 export async function sdNotify(state: string, log: Logger): Promise<void> {

@@ -10,14 +10,11 @@
  * in a table of 1,000 interval sets (libnftables re-reads the sets after every commit), ~370 ms
  * for a full replace at 1,000 services (docs/performance.md).
  */
-import { existsSync } from "node:fs";
-import { createRequire } from "node:module";
-import { dirname, join } from "node:path";
-import { fileURLToPath } from "node:url";
 import type { Batch } from "../../rules/batch.ts";
 import { validateBatch } from "../../rules/nft-schema.ts";
 import { nftFailed, noSuchTable, parseCounters, type Nft } from "./nft.ts";
 import { serialQueue } from "./queue.ts";
+import { loadKoffi, type KoffiFn } from "../koffi.ffi.ts";
 
 /** The library's file name, or EGRESSD_LIBNFTABLES (a path; tests point it at a bad one). */
 export const libraryName = (env: NodeJS.ProcessEnv = process.env): string =>
@@ -25,47 +22,6 @@ export const libraryName = (env: NodeJS.ProcessEnv = process.env): string =>
 
 const NFT_CTX_DEFAULT = 0;
 const NFT_CTX_OUTPUT_JSON = 1 << 4;
-
-/** The part of koffi's API used here. */
-interface KoffiFn {
-  (...args: unknown[]): unknown;
-  async(...args: unknown[]): void;
-}
-interface Koffi {
-  load(path: string): { func(prototype: string): KoffiFn };
-  config(cfg: Record<string, number>): unknown;
-  version: string;
-}
-
-let koffiModule: Koffi | null = null;
-
-/**
- * koffi's native module: the one packaged beside the bundles (dist/koffi.node,
- * /usr/lib/egressd/koffi.node), else the koffi package (running from a checkout). Loaded and
- * configured once per process: koffi refuses a new configuration once it has made a call.
- */
-export function loadKoffi(): Koffi {
-  if (koffiModule) return koffiModule;
-  const koffi = findKoffi();
-  // libnftables keeps a 64 KiB netlink receive buffer on its stack: with a 64 KiB stack a
-  // full apply fails ("cache initialization failed: Bad address") and then aborts. koffi's
-  // default for worker-thread calls, 128 KiB, leaves little margin: give them what
-  // synchronous calls get.
-  koffi.config({ async_stack_size: 2 * 1024 * 1024, resident_async_pools: 2 });
-  return (koffiModule = koffi);
-}
-
-function findKoffi(): Koffi {
-  // This module is in a chunk (dist/chunks/) in egressctl, in the bundle itself in egressd.
-  const here = dirname(fileURLToPath(import.meta.url));
-  for (const file of [join(here, "koffi.node"), join(here, "..", "koffi.node")]) {
-    if (!existsSync(file)) continue;
-    const mod = { exports: {} as Koffi };
-    process.dlopen(mod, file);
-    return mod.exports;
-  }
-  return createRequire(import.meta.url)("koffi") as Koffi;
-}
 
 interface Binding {
   run: KoffiFn;

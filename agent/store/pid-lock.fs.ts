@@ -1,39 +1,65 @@
 /**
- * A lock that is a file holding its owner's pid, created with O_EXCL|O_NOFOLLOW. A lock whose
- * owner is gone (killed, crashed) is taken over at once, not after a staleness timeout: its pid
- * no longer runs egressd or egressctl. Used for the policy lock (writers of the config dir) and
- * for the daemon's lock on its state dir (one daemon per state dir).
+ * A lock file: flock(2) on it is the lock, the pid written into it names the holder for
+ * messages. The kernel drops the lock the moment its holder ends, however it ends (exit,
+ * crash, kill -9), so a killed writer never delays the next one and there is no staleness
+ * guess, no takeover race and no pid-reuse mistake. The file stays when released (emptied):
+ * deleting a lock file races with a process that has just opened it.
+ * Used for the policy lock (writers of the config dir) and for the daemon's lock on its state
+ * dir (one daemon per state dir).
  */
 import { constants } from "node:fs";
-import { open, readFile, unlink } from "node:fs/promises";
+import { open, readFile, type FileHandle } from "node:fs/promises";
+import { EgressError } from "../../rules/errors.ts";
+import { loadKoffi } from "../koffi.ffi.ts";
 
-const { O_WRONLY, O_CREAT, O_EXCL, O_NOFOLLOW } = constants;
+const { O_RDWR, O_RDONLY, O_CREAT, O_NOFOLLOW } = constants;
+const LOCK_EX = 2;
+const LOCK_NB = 4;
+const LOCK_UN = 8;
 
-/** Whether `pid` is a live egressd or egressctl process (a reused pid is not). */
-export async function ownerAlive(pid: number): Promise<boolean> {
-  if (!Number.isInteger(pid) || pid <= 0) return false;
+type Flock = (fd: number, operation: number) => number;
+let flockFn: Flock | null = null;
+
+/** libc's flock, through koffi (Node has no binding of its own). */
+function flock(): Flock {
+  if (flockFn) return flockFn;
   try {
-    process.kill(pid, 0);
+    const f = loadKoffi().load("libc.so.6").func("int flock(int fd, int operation)");
+    return (flockFn = (fd, op) => f(fd, op) as number);
   } catch (err) {
-    // EPERM: it exists but belongs to someone else; then look at what it runs.
-    if ((err as NodeJS.ErrnoException).code !== "EPERM") return false;
-  }
-  try {
-    const cmdline = await readFile(`/proc/${pid}/cmdline`, "utf8");
-    return /egress/.test(cmdline);
-  } catch {
-    return false;
+    throw new EgressError(
+      "ERR_EGRESS_LOCK",
+      `cannot lock files: libc's flock is not reachable (${(err as Error).message})`,
+      {
+        exitCode: 4,
+        hint: "egressd needs glibc (libc.so.6) and its bundled koffi module: reinstall the package",
+        cause: err,
+      },
+    );
   }
 }
 
+/** Tries the lock once, without waiting. */
+const tryLock = (fh: FileHandle) => flock()(fh.fd, LOCK_EX | LOCK_NB) === 0;
+
 async function readPid(path: string): Promise<number | null> {
   try {
-    const text = await readFile(path, "utf8");
-    const pid = Number(text.trim());
-    return Number.isInteger(pid) ? pid : null;
+    const text = (await readFile(path, "utf8")).trim();
+    const pid = Number(text);
+    return text !== "" && Number.isInteger(pid) && pid > 0 ? pid : null;
   } catch {
     return null;
   }
+}
+
+/** The pid in the lock file of a holder: read a few times, as a new holder may be writing it. */
+async function ownerOf(path: string): Promise<number> {
+  for (let i = 0; i < 20; i++) {
+    const pid = await readPid(path);
+    if (pid !== null) return pid;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return 0; // held, by a process that has not written its pid (yet)
 }
 
 export interface Held {
@@ -42,47 +68,56 @@ export interface Held {
 }
 
 /**
- * Takes the lock at `path`: at once, or after waiting up to `waitMs` for a live owner to let
- * go. Resolves with the lock, or with the pid of the live owner that kept it.
+ * Takes the lock at `path`: at once, or after waiting up to `waitMs` for its holder to let
+ * go. Resolves with the lock, or with the pid of the holder that kept it (0: unknown).
  */
 export async function acquire(
   path: string,
   opts: { waitMs: number; retryMs?: number },
 ): Promise<Held | { owner: number }> {
   const end = Date.now() + opts.waitMs;
-  for (;;) {
-    try {
-      const fh = await open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0o644);
-      try {
-        await fh.writeFile(`${process.pid}\n`);
-      } finally {
+  const fh = await open(path, O_RDWR | O_CREAT | O_NOFOLLOW, 0o644);
+  try {
+    while (!tryLock(fh)) {
+      if (Date.now() >= end) {
         await fh.close();
+        return { owner: await ownerOf(path) };
       }
-      return {
-        path,
-        release: async () => {
-          // Only our own lock: a taken-over lock belongs to its new owner.
-          if ((await readPid(path)) === process.pid) await unlink(path).catch(() => undefined);
-        },
-      };
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
+      await new Promise((r) => setTimeout(r, opts.retryMs ?? 10));
     }
-    const owner = await readPid(path);
-    if (owner === null || !(await ownerAlive(owner))) {
-      // A dead owner's lock (or one being written this instant: then the retry sees it whole).
-      if (owner !== null && (await readPid(path)) === owner)
-        await unlink(path).catch(() => undefined);
-      else await new Promise((r) => setTimeout(r, 5));
-      continue;
-    }
-    if (Date.now() >= end) return { owner };
-    await new Promise((r) => setTimeout(r, opts.retryMs ?? 20));
+    await fh.truncate(0);
+    await fh.write(`${process.pid}\n`, 0);
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    throw err;
   }
+  let released = false;
+  return {
+    path,
+    release: async () => {
+      if (released) return;
+      released = true;
+      await fh.truncate(0).catch(() => undefined);
+      flock()(fh.fd, LOCK_UN);
+      await fh.close();
+    },
+  };
 }
 
-/** The pid of the live owner of the lock at `path`, or null when nobody holds it. */
+/** The pid of the process holding the lock at `path` (not this one), or null when nobody does. */
 export async function holder(path: string): Promise<number | null> {
-  const pid = await readPid(path);
-  return pid !== null && pid !== process.pid && (await ownerAlive(pid)) ? pid : null;
+  let fh: FileHandle;
+  try {
+    fh = await open(path, O_RDONLY | O_NOFOLLOW);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+    throw err;
+  }
+  try {
+    if (tryLock(fh)) return null; // free (closing the file lets go again)
+  } finally {
+    await fh.close();
+  }
+  const pid = await ownerOf(path);
+  return pid === process.pid ? null : pid;
 }

@@ -527,6 +527,44 @@ test("twenty egressctl allow commands at the same moment all land", async () => 
   assert.is(policy.outbound.length, 22);
 });
 
+test("a writer killed while it holds the lock does not delay the next one", async () => {
+  // A "daemon" that accepts the change request and never answers: egressctl waits for it
+  // inside the policy lock, and is killed there.
+  const { createServer } = await import("node:net");
+  const sockets: import("node:net").Socket[] = [];
+  const mute = createServer((s) => void sockets.push(s));
+  await new Promise<void>((r) => mute.listen(join(dir, "sock"), r));
+  try {
+    const stuck = run("allow", "svc-web", "stuck.example.test:443");
+    const lock = join(dir, ".egressctl.lock");
+    for (let i = 0; i < 500 && sockets.length === 0; i++)
+      await new Promise((r) => setTimeout(r, 10));
+    assert.ok(sockets.length > 0, "the first egressctl reached the daemon");
+    assert.is(readFileSync(lock, "utf8").trim(), String(stuck.pid), "the lock names its holder");
+    // While it lives, a second writer waits for it (and would say who holds it).
+    const waiting = run("allow", "svc-web", "next.example.test:443");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.is(waiting.exitCode, null, "the second writer waits while the holder lives");
+    const t0 = Date.now();
+    stuck.kill("SIGKILL");
+    await stuck;
+    mute.close();
+    for (const s of sockets) s.destroy();
+    const r = await waiting;
+    const waited = Date.now() - t0;
+    assert.is(r.exitCode, 0, r.stderr);
+    assert.ok(waited < 5_000, `the next writer went ahead ${waited} ms after the kill`);
+    const hosts = (
+      JSON.parse(readFileSync(join(dir, "services.d", "svc-web.json"), "utf8")) as {
+        outbound: { host: string }[];
+      }
+    ).outbound.map((o) => o.host);
+    assert.ok(hosts.includes("next.example.test"), hosts.join(" "));
+  } finally {
+    mute.close();
+  }
+});
+
 test("--help works for every command and --version prints the version", async () => {
   for (const c of [
     "register",
