@@ -2,8 +2,10 @@
  * The compiler: policy plus resolved and learned addresses in, egressd's nftables table out (pure).
  *
  * Shape (see docs/design.md):
- *   chain output (hook output): a service's replies, then established traffic, then a
- *                               redirected DNS query to the sender's own proxy port, then
+ *   chain output (hook output): guards that keep a DNS-aware service's DNS on its own proxy
+ *                               (also in flows another socket opened), a service's replies,
+ *                               then established traffic, then a redirected DNS query to the
+ *                               sender's own proxy port, then
  *                               meta skuid vmap @uid_dispatch, meta skgid vmap @gid_dispatch
  *   chain dns_redirect (nat):   port 53 of DNS-aware services to their proxy port
  *   chain s_<svc>:              resolvers (system DNS), literal sets, one address set per
@@ -78,6 +80,10 @@ export const UID_PROXY = "uid2port";
 export const GID_PROXY = "gid2port";
 export const UID_PROXY_PORTS = "uid_proxyport";
 export const GID_PROXY_PORTS = "gid_proxyport";
+/** Owners whose port-53 traffic is redirected, and the proxy ports (the flow-reuse guards). */
+export const UID_DNSAWARE = "uid_dnsaware";
+export const GID_DNSAWARE = "gid_dnsaware";
+export const PROXY_PORTS = "proxy_ports";
 export const LOG_RATE = { rate: 5, per: "second", burst: 10 } as const;
 
 const CONCAT_TYPE: Record<Family, string[]> = {
@@ -445,6 +451,53 @@ function proxyAcceptRule(key: "skuid" | "skgid", set: string): Expr[] {
   ];
 }
 
+const ORIGINAL: Expr = {
+  match: { op: "==", left: { ct: { key: "direction" } }, right: "original" },
+};
+const TCP_UDP: Expr = {
+  match: { op: "==", left: { meta: { key: "l4proto" } }, right: { set: ["tcp", "udp"] } },
+};
+const DPORT = { payload: { protocol: "th", field: "dport" } };
+const REJECT: Expr = { reject: { type: "icmpx", expr: "admin-prohibited" } };
+
+/**
+ * `ct direction original meta l4proto { tcp, udp } th dport 53 meta skuid @uid_dnsaware reject`:
+ * a DNS-aware service's packet to port 53 that the nat chain did not redirect. NAT is decided on
+ * a flow's first packet only, so this is a packet of a flow another socket opened (the same
+ * addresses and ports, bound again): without this rule `ct state established` would accept it,
+ * past the proxy, to the real resolver.
+ */
+function unredirectedDnsRule(key: "skuid" | "skgid", set: string): Expr[] {
+  return [
+    ORIGINAL,
+    TCP_UDP,
+    { match: { op: "==", left: DPORT, right: 53 } },
+    { match: { op: "==", left: { meta: { key } }, right: `@${set}` } },
+    REJECT,
+  ];
+}
+
+/**
+ * `ct direction original ct status dnat meta l4proto { tcp, udp } th dport @proxy_ports
+ * meta skuid . th dport != @uid_proxyport meta skgid . th dport != @gid_proxyport reject`:
+ * a packet redirected to a proxy port that is not its sender's own, the same way (a flow
+ * another service opened, reused): it would be answered under that other service's policy.
+ */
+const foreignProxyRule: Expr[] = [
+  ORIGINAL,
+  { match: { op: "in", left: { ct: { key: "status" } }, right: "dnat" } },
+  TCP_UDP,
+  { match: { op: "==", left: DPORT, right: `@${PROXY_PORTS}` } },
+  ...(["skuid", "skgid"] as const).map((key): Expr => ({
+    match: {
+      op: "!=",
+      left: { concat: [{ meta: { key } }, DPORT] },
+      right: `@${key === "skuid" ? UID_PROXY_PORTS : GID_PROXY_PORTS}`,
+    },
+  })),
+  REJECT,
+];
+
 /** `meta l4proto { tcp, udp } th dport 53 redirect to :meta skuid map @uid2port` */
 function redirectRule(key: "skuid" | "skgid", map: string): Expr[] {
   return [
@@ -554,7 +607,11 @@ const OUTPUT: ChainDef = deepFreeze({
   name: BASE_CHAIN,
   base: { type: "filter", hook: "output", prio: 0, policy: "accept" },
   rules: [
-    // A managed service's answers first: only from ports it declared (its SYN-ACK counts as established).
+    // A DNS-aware service's DNS goes to its own proxy, even in a flow another socket opened.
+    unredirectedDnsRule("skuid", UID_DNSAWARE),
+    unredirectedDnsRule("skgid", GID_DNSAWARE),
+    foreignProxyRule,
+    // A managed service's answers: only from ports it declared (its SYN-ACK counts as established).
     serveDispatchRule("skuid", UID_SERVE),
     serveDispatchRule("skgid", GID_SERVE),
     ESTABLISHED,
@@ -592,9 +649,18 @@ export function assemble(
   const byKey = (a: unknown, b: unknown) => (a as [number])[0] - (b as [number])[0];
   const byConcat = (a: unknown, b: unknown) =>
     (a as { concat: [number] }).concat[0] - (b as { concat: [number] }).concat[0];
+  const keys = (elems: unknown[]) => (elems as [number, number][]).map(([id]) => id);
+  const proxyUid = all("proxyUid").sort(byKey);
+  const proxyGid = all("proxyGid").sort(byKey);
+  const proxyPorts = [
+    ...new Set([...proxyUid, ...proxyGid].map((e) => (e as [number, number])[1])),
+  ].sort((a, b) => a - b);
   const sets: SetDef[] = [
-    { name: UID_PROXY, type: "uid", map: "inet_service", elem: all("proxyUid").sort(byKey) },
-    { name: GID_PROXY, type: "gid", map: "inet_service", elem: all("proxyGid").sort(byKey) },
+    { name: UID_DNSAWARE, type: "uid", elem: keys(proxyUid) },
+    { name: GID_DNSAWARE, type: "gid", elem: keys(proxyGid) },
+    { name: PROXY_PORTS, type: "inet_service", elem: proxyPorts },
+    { name: UID_PROXY, type: "uid", map: "inet_service", elem: proxyUid },
+    { name: GID_PROXY, type: "gid", map: "inet_service", elem: proxyGid },
     {
       name: UID_PROXY_PORTS,
       type: ["uid", "inet_service"],

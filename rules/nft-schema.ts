@@ -118,6 +118,7 @@ export const NFT_BATCH_SCHEMA = {
     }),
     setElem: {
       anyOf: [
+        { $ref: "#/$defs/id" }, // a uid, gid or port (uid_dnsaware, proxy_ports)
         { $ref: "#/$defs/address" },
         { $ref: "#/$defs/timedElem" },
         { $ref: "#/$defs/concatElem" },

@@ -28,6 +28,13 @@ export class ServiceBuilder {
     return this;
   }
 
+  /** DNS-aware, its proxy listening on `port`. */
+  proxy(port: number): this {
+    this.input.policy.dns = "proxy";
+    this.input.proxyPort = port;
+    return this;
+  }
+
   service(name: string, uid: number): ServiceBuilder {
     return this.parent.service(name, uid);
   }

@@ -300,6 +300,28 @@ test("a restart keeps each proxy's port and what was learned; a repair re-adds l
   );
 });
 
+test("a DNS-aware service cannot ride a DNS flow another socket opened: not to the resolver, not to another service's proxy", async () => {
+  await withSandbox(PROXY_WORLD, async (sb) => {
+    await sb.ok("register", "svc-a", "--user", String(SVC_UID));
+    await sb.ok("register", "svc-b", "--user", String(AUDIT_UID));
+    await sb.ok("allow", "svc-b", "evil.example.test:443");
+    await sb.startDaemon();
+    // An unmanaged uid's lookup opens a flow to the real resolver (no redirect for it)...
+    const toResolver = ask("evil.example.test", { sourcePort: 40054 });
+    assert.is(await one(sb, UNMANAGED_UID, toResolver), `NOERROR:${EVIL}`, "unmanaged uid");
+    // ...which svc-a, binding the same source port, would ride past its proxy.
+    assert.is(await one(sb, SVC_UID, toResolver), "EPERM", "svc-a in the unmanaged flow");
+    // svc-b's lookup is redirected to svc-b's proxy, which allows the name...
+    const toB = ask("evil.example.test", { sourcePort: 40055 });
+    assert.is(await one(sb, AUDIT_UID, toB), `NOERROR:${EVIL}`, "svc-b through its proxy");
+    // ...and svc-a in that flow would be answered under svc-b's policy.
+    assert.is(await one(sb, SVC_UID, toB), "EPERM", "svc-a in svc-b's flow");
+    // Its own lookups still work, and evil stays unknown to it.
+    assert.is(await one(sb, SVC_UID, ask("evil.example.test")), "NXDOMAIN:");
+    assert.is(await one(sb, SVC_UID, ask("evil.example.test", { transport: "tcp" })), "NXDOMAIN:");
+  });
+});
+
 test("switching a service to DNS-aware mode also catches the UDP DNS flow it already had open", async () => {
   await withSandbox(PROXY_WORLD, async (sb) => {
     await sb.ok("register", "svc-web", "--user", String(SVC_UID), "--dns", "system");

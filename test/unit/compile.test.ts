@@ -15,7 +15,7 @@ const set = (r: Ruleset, name: string) => r.sets.find((s) => s.name === name);
 const rules = (r: Ruleset, name: string) => chain(r, name)?.rules.map(ruleText);
 const elems = (r: Ruleset, name: string) => set(r, name)?.elem.map(elemText);
 
-test("the output chain checks a service's answers, accepts established traffic, then dispatches by uid and gid through maps", () => {
+test("the output chain keeps DNS-aware services' DNS on their own proxy, checks a service's answers, accepts established traffic, then dispatches by uid and gid through maps", () => {
   const r = compile(policy().service("svc-web", 2001).allow("api.example.test:443").build());
   assert.equal(chain(r, "output")?.base, {
     type: "filter",
@@ -24,6 +24,9 @@ test("the output chain checks a service's answers, accepts established traffic, 
     policy: "accept",
   });
   assert.equal(rules(r, "output"), [
+    "ct direction original meta l4proto { tcp, udp } th dport 53 meta skuid @uid_dnsaware reject with icmpx admin-prohibited",
+    "ct direction original meta l4proto { tcp, udp } th dport 53 meta skgid @gid_dnsaware reject with icmpx admin-prohibited",
+    "ct direction original ct status dnat meta l4proto { tcp, udp } th dport @proxy_ports meta skuid . th dport != @uid_proxyport meta skgid . th dport != @gid_proxyport reject with icmpx admin-prohibited",
     "ct direction reply meta skuid vmap @uid_serve",
     "ct direction reply meta skgid vmap @gid_serve",
     "ct state established,related accept",
@@ -188,16 +191,48 @@ test("a name allowed by two services feeds both services' sets", () => {
   assert.equal(elems(r, "s_svc_b_tcp8443_4"), ["203.0.113.5"]);
 });
 
-test("the base chains hold seven, two and two rules whether there is one service or a thousand", () => {
+test("the base chains hold ten, two and two rules whether there is one service or a thousand", () => {
   for (const n of [0, 1, 1000]) {
     const b = policy();
     for (let i = 0; i < n; i++)
       b.service(`svc-${i}`, 10_000 + i).allow(`198.51.100.${i % 250}:443`);
     const r = compile(b.build());
-    assert.is(chain(r, "output")?.rules.length, 7, `${n} services`);
+    assert.is(chain(r, "output")?.rules.length, 10, `${n} services`);
     assert.is(chain(r, "input")?.rules.length, 2, `${n} services`);
     assert.is(chain(r, "dns_redirect")?.rules.length, 2, `${n} services`);
     assert.is(set(r, "uid_dispatch")?.elem.length, n);
+  }
+});
+
+test("DNS-aware services: their owners and proxy ports fill the guards that run before established traffic", () => {
+  const r = compile(
+    policy()
+      .service("svc-a", 2001)
+      .gid(3001)
+      .proxy(20001)
+      .service("svc-b", 2002)
+      .proxy(20002)
+      .service("svc-sys", 2003)
+      .set({ dns: "system" })
+      .build(),
+  );
+  assert.equal(set(r, "uid_dnsaware")?.elem, [2001, 2002]);
+  assert.equal(set(r, "gid_dnsaware")?.elem, [3001]);
+  assert.equal(set(r, "proxy_ports")?.elem, [20001, 20002]);
+  assert.equal(set(r, "uid2port")?.elem, [
+    [2001, 20001],
+    [2002, 20002],
+  ]);
+  const rules = (chain(r, "output")?.rules ?? []).map((x) => JSON.stringify(x));
+  const established = rules.findIndex((x) => x.includes('"established"'));
+  const guards = rules
+    .map((x, i) => [x, i] as const)
+    .filter(([x]) => x.includes("@uid_dnsaware") || x.includes("@proxy_ports"));
+  assert.is(guards.length, 2);
+  for (const [x, i] of guards) {
+    assert.ok(i < established, `guard before established: ${x}`);
+    assert.match(x, '"original"');
+    assert.match(x, "admin-prohibited");
   }
 });
 

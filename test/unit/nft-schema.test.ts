@@ -14,6 +14,10 @@ const good = () =>
       policy()
         .service("svc-web", 2001)
         .allow("api.example.test:443", "10.0.0.0/8:5432")
+        .service("svc-dns", 2002)
+        .gid(2002)
+        .proxy(20000)
+        .allow("*.cdn.example.test:443")
         .resolve("api.example.test", "192.0.2.1")
         .build(),
     ),
