@@ -106,6 +106,9 @@ export interface ApplySummary {
 
 const MAX_TIMER = 2 ** 31 - 1;
 
+/** applyService before any policy loaded: the whole policy has to be read. */
+class ChangeNeedsReload extends Error {}
+
 /** A number per policy object: a reloaded or changed policy is a new object, so a new number. */
 const policyIds = new WeakMap<ServicePolicy, number>();
 let nextPolicyId = 0;
@@ -150,8 +153,17 @@ export class Daemon {
   lastApply: ApplySummary | null = null;
   lastError: { code: string; message: string; at: number } | null = null;
   lastAudit: AuditRecord | null = null;
-  /** Why the policy on disk is not the one enforced (null when it is). */
-  loadError: EgressError | null = null;
+  /**
+   * Why the policy on disk is not the one enforced, by file ("*" for the policy as a whole);
+   * empty when it is.
+   */
+  private readonly policyErrors = new Map<string, EgressError>();
+  /** What each config file held when it was last loaded into what is enforced. */
+  private known = new Map<string, string>();
+  /** The policy the kernel holds (status shows this one, never one that did not apply). */
+  private enforced: Loaded | null = null;
+  /** True until start() has applied the cached ruleset. */
+  starting = true;
   private digest: string | null = null;
   /** Saved state read at start-up, kept until a policy loads. */
   private saved: { names?: unknown; learned?: unknown; proxyPorts?: unknown } | null = null;
@@ -162,6 +174,11 @@ export class Daemon {
 
   get config(): DaemonConfig | null {
     return this.loaded?.config ?? null;
+  }
+
+  /** The first reason the policy on disk is not enforced, or null. */
+  get loadError(): EgressError | null {
+    return this.policyErrors.values().next().value ?? null;
   }
 
   /** Runs `fn` after everything queued before it. */
@@ -234,6 +251,14 @@ export class Daemon {
           : "applied (no saved state yet)",
       );
     });
+    this.starting = false;
+  }
+
+  /**
+   * After start-up (and after the control socket is up): resolves what is due in the
+   * background, applies the difference, and keeps doing so on schedule.
+   */
+  begin(): void {
     void this.refreshDue().finally(() => this.schedule());
   }
 
@@ -285,6 +310,7 @@ export class Daemon {
   /** Reads config, policies and users from disk and checks they compile; changes nothing. */
   private async read(): Promise<Loaded> {
     const { store, users } = this.deps;
+    store.digests.clear();
     const config = await store.loadConfig();
     const policies = await store.loadServices();
     const services = await resolvePrincipals(policies, users, (n) => store.serviceFile(n));
@@ -311,8 +337,9 @@ export class Daemon {
     try {
       const loaded = await this.read();
       this.loaded = loaded;
+      this.known = new Map(this.deps.store.digests);
       log.level = loaded.config.log.level;
-      this.loadError = null;
+      this.policyErrors.clear();
       this.deps.onConfig?.(loaded.config);
       return true;
     } catch (err) {
@@ -320,8 +347,8 @@ export class Daemon {
         err instanceof EgressError
           ? err
           : new EgressError("ERR_EGRESS_INTERNAL", String((err as Error).message), { exitCode: 4 });
-      this.loadError = e;
-      this.lastError = { code: e.code, message: e.message, at: this.deps.clock() };
+      this.policyErrors.clear();
+      this.policyErrors.set("*", e);
       log.error(
         {
           err: e.toJSON(),
@@ -559,8 +586,11 @@ export class Daemon {
       }
     }
     const summary: ApplySummary = { kind: r.kind, changes: r.changes, at: now };
+    // The kernel holds what was just reconciled: that policy is now the enforced one, and an
+    // earlier apply error is over.
+    this.enforced = l;
+    this.lastError = null;
     if (r.kind !== "none") {
-      this.lastError = null;
       this.digest = createHash("sha256")
         .update(JSON.stringify(replaceBatch(next, 0)))
         .digest("hex");
@@ -891,6 +921,122 @@ export class Daemon {
     return summary;
   }
 
+  /**
+   * Applies one service's policy file (changed, new or removed) without reading any other
+   * file: validated against the other services as loaded, then only that service's objects
+   * change in the kernel. Throws (nothing changed) when the file does not load or clashes with
+   * another service; a change noticed by the file watcher also records why (status shows it).
+   */
+  async applyService(name: string, origin: "control" | "watch" = "control"): Promise<ApplySummary> {
+    const file = this.deps.store.serviceFile(name);
+    const added = await this.serial(async () => {
+      const l = this.loaded;
+      if (!l || !this.names) throw new ChangeNeedsReload();
+      const { store, users } = this.deps;
+      try {
+        const policy = await store.loadService(name);
+        const others = l.policies.filter((p) => p.name !== name);
+        const policies = (policy ? [...others, policy] : others).sort((a, b) =>
+          a.name.localeCompare(b.name),
+        );
+        const mine = policy
+          ? await resolvePrincipals([policy], users, (n) => store.serviceFile(n))
+          : [];
+        const services = [...l.services.filter((s) => s.policy.name !== name), ...mine];
+        checkDistinctOwners(services);
+        checkInboundOverlap(policies);
+        const matchers = new Map(l.matchers);
+        matchers.delete(name);
+        if (policy?.dns === "proxy") matchers.set(name, nameMatcher(policy));
+        this.loaded = { ...l, policies, services, matchers };
+        this.known.set(file, store.digests.get(file) ?? "");
+        this.policyErrors.delete(file);
+      } catch (err) {
+        const e =
+          err instanceof EgressError
+            ? err
+            : new EgressError("ERR_EGRESS_INTERNAL", String((err as Error).message), {
+                exitCode: 4,
+              });
+        if (origin === "watch") {
+          this.policyErrors.set(file, e);
+          this.deps.log.error(
+            { err: e.toJSON(), file },
+            `policy not loaded: ${e.message}; still enforcing the last good policy`,
+          );
+        }
+        throw e;
+      }
+      await this.syncProxies();
+      return (this.names as NameTable).track(this.policyNames(), this.deps.clock()).added;
+    }).catch(async (err: unknown) => {
+      if (err instanceof ChangeNeedsReload) return null;
+      throw err;
+    });
+    if (added === null) return this.reload();
+    const summary = await this.resolveThenCommit(NameTable.lookups(added));
+    this.deps.log.info(
+      { service: name, kind: summary.kind, changes: summary.changes },
+      "policy applied",
+    );
+    return summary;
+  }
+
+  /**
+   * Looks at the config files for changes made behind egressctl's back (an editor,
+   * configuration management): a changed egressd.json reloads everything, a changed, new or
+   * removed service file applies that service. A file whose content is what was last loaded
+   * (egressctl's own writes, already applied) is left alone.
+   */
+  async noticeChanges(): Promise<void> {
+    if (!this.loaded) return;
+    const { store } = this.deps;
+    const changed = await this.filesOnDiskChanged();
+    if (!changed.length) {
+      // Edits undone by hand: nothing on disk differs from what is enforced any more.
+      for (const f of [...this.policyErrors.keys()]) if (f !== "*") this.policyErrors.delete(f);
+      return;
+    }
+    this.deps.log.info({ files: changed }, "policy files changed on disk");
+    if (changed.includes(store.configFile) || this.policyErrors.has("*")) {
+      await this.reload().catch(() => undefined); // the reason is logged and shown in status
+      return;
+    }
+    for (const f of changed) {
+      const name = store.serviceNameOf(f);
+      if (name) await this.applyService(name, "watch").catch(() => undefined);
+    }
+  }
+
+  /** Config files whose content on disk is not what was last loaded into what is enforced. */
+  private async filesOnDiskChanged(): Promise<string[]> {
+    const { store } = this.deps;
+    const files = new Set(this.known.keys());
+    for (const name of await store.listServiceNames().catch(() => []))
+      files.add(store.serviceFile(name));
+    files.add(store.configFile);
+    const changed: string[] = [];
+    for (const f of files) {
+      const now = await store.currentDigest(f).catch(() => null);
+      if (now !== null && now !== (this.known.get(f) ?? "")) changed.push(f);
+    }
+    return changed.sort();
+  }
+
+  /** Findings for policy files on disk that egressd does not enforce, and why. */
+  private async policyFindings(): Promise<Finding[]> {
+    return (await this.filesOnDiskChanged()).map((f) => {
+      const why = this.policyErrors.get(f) ?? this.policyErrors.get("*");
+      return {
+        kind: "policy-unapplied",
+        object: `file ${f}`,
+        found: why
+          ? `differs from the policy egressd enforces, and does not load: ${why.message}`
+          : "differs from the policy egressd enforces (not applied yet)",
+      };
+    });
+  }
+
   /** Re-resolves now: every name, or those of one service. */
   async refresh(service?: string): Promise<ApplySummary & { names: string[] }> {
     if (!this.loaded || !this.names)
@@ -966,14 +1112,15 @@ export class Daemon {
       const table = this.loaded.config.table;
       const listed = async () => parseLive(await nft.listTable(table), table, clock());
       const live = await listed();
-      const findings = auditDiff(live, this.desired(clock()), clock());
+      const policy = await this.policyFindings();
+      const findings = [...policy, ...auditDiff(live, this.desired(clock()), clock())];
       let remaining = findings;
       let repaired = false;
-      if (repair && findings.length) {
+      if (repair && findings.length > policy.length) {
         const r = reconcile(live, this.desired(clock()), this.reconcileOptions(clock()));
         await this.send(r);
         repaired = true;
-        remaining = auditDiff(await listed(), this.desired(clock()), clock());
+        remaining = [...policy, ...auditDiff(await listed(), this.desired(clock()), clock())];
       }
       const record: AuditRecord = { at: clock(), findings, repaired, remaining: remaining.length };
       this.lastAudit = record;
@@ -1007,7 +1154,8 @@ export class Daemon {
   /** Live view for `egressctl status`. */
   async status(service?: string): Promise<unknown> {
     const now = this.deps.clock();
-    const l = this.loaded;
+    // What the kernel holds: never a policy that did not apply.
+    const l = this.enforced;
     const table = this.names;
     let counters = new Map<string, { packets: number; bytes: number }>();
     let countersError: string | undefined;
@@ -1104,6 +1252,11 @@ export class Daemon {
         appliedDigest: this.digest,
         lastError: this.lastError,
         policyError: this.loadError?.toJSON() ?? null,
+        policyErrors: [...this.policyErrors].map(([file, e]) => ({
+          file: file === "*" ? null : file,
+          ...e.toJSON(),
+        })),
+        starting: this.starting,
         nextEvent: table?.nextEvent(now) ?? null,
         resolving: this.inflight.size,
         ...(countersError ? { countersError } : {}),

@@ -13,13 +13,17 @@ import type { DaemonConfig } from "../rules/policy.ts";
 import { PolicyStore } from "./store/policy-store.fs.ts";
 import { applyPlan, plan } from "./apply.ts";
 
-import { serveControl, type Request } from "./control/control.sock.ts";
+import { connectDaemon, serveControl, type Request } from "./control/control.sock.ts";
+import { watchConfig } from "./store/watch.fs.ts";
+import { holder } from "./store/pid-lock.fs.ts";
+import { sdNotify } from "./systemd-notify.sys.ts";
 import { Daemon } from "./daemon.ts";
 import { dnsResolver } from "./dns/dns.client.ts";
 import { forward } from "./dns/exchange.sock.ts";
 import { DnsProxy } from "./dns/proxy.sock.ts";
 import { flushDnsConntrack } from "./nft/conntrack.sys.ts";
 import { defaultNft } from "./nft/index.ts";
+import { HELPER_FLAG, helperNft, serveNftHelper } from "./nft/helper.proc.ts";
 import { egressdProgram } from "./egressd-program.ts";
 import { paths, VERSION, type GlobalOptions } from "./paths.ts";
 import { hostAddresses } from "./host.sys.ts";
@@ -42,6 +46,23 @@ function errorCode(err: unknown, log: Logger): number {
 async function once(g: GlobalOptions): Promise<number> {
   const log = logger();
   const p = paths(g);
+  // While a daemon runs it is the one writer of the table: go through it, or refuse.
+  const running = await holder(new StateStore(p.stateDir).lockFile);
+  if (running !== null) {
+    try {
+      const call = await connectDaemon(p.socket);
+      if (call) {
+        const r = (await call({ op: "apply" })) as { kind: string; changes: number };
+        log.info(
+          { daemon: running, kind: r.kind, changes: r.changes },
+          "applied by the running egressd",
+        );
+        return 0;
+      }
+    } catch (err) {
+      return errorCode(err, log);
+    }
+  }
   const deps = {
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
@@ -117,10 +138,12 @@ async function daemon(g: GlobalOptions): Promise<number> {
     log,
     clock: Date.now,
   });
+  // Forced program (EGRESSD_NFT): run it from here; otherwise libnftables in a helper process.
+  const nft = process.env.EGRESSD_NFT ? defaultNft() : helperNft();
   const d: Daemon = new Daemon({
     store: new PolicyStore(p.configDir),
     state: new StateStore(p.stateDir),
-    nft: defaultNft(),
+    nft,
     users: systemUsers(),
     resolver: (servers, config) => {
       upstream = (query) => forward(servers, query, config.dns.queryTimeoutMs);
@@ -137,11 +160,9 @@ async function daemon(g: GlobalOptions): Promise<number> {
     }),
     onConfig: scheduleAudit,
   });
-  const housekeeping = cron.schedule("* * * * *", () => d.housekeep(), {
-    name: "housekeeping",
-    noOverlap: true,
-  });
   let server: Server | null = null;
+  let housekeeping: ScheduledTask | null = null;
+  let watcher: { close(): void } | null = null;
 
   const handler = async (req: Request): Promise<unknown> => {
     switch (req.op) {
@@ -149,6 +170,12 @@ async function daemon(g: GlobalOptions): Promise<number> {
         return { pid: process.pid, version: VERSION };
       case "apply":
         return req.dryRun ? d.plan() : d.reload();
+      case "service":
+        if (!req.service)
+          throw new EgressError("ERR_EGRESS_BAD_REQUEST", '"service" needs a service name', {
+            exitCode: 2,
+          });
+        return d.applyService(req.service);
       case "status":
         return d.status(req.service);
       case "refresh":
@@ -161,28 +188,51 @@ async function daemon(g: GlobalOptions): Promise<number> {
         });
     }
   };
+
+  log.info(
+    { version: VERSION, configDir: p.configDir, stateDir: p.stateDir, socket: p.socket },
+    "egressd starting",
+  );
+  // One daemon per state dir, decided before anything touches the kernel.
+  const state = new StateStore(p.stateDir);
+  let lock: Awaited<ReturnType<StateStore["lockForDaemon"]>>;
   try {
-    log.info(
-      { version: VERSION, configDir: p.configDir, stateDir: p.stateDir, socket: p.socket },
-      "egressd starting",
-    );
-    await d.start();
-    server = await serveControl(p.socket, handler, log);
-    log.info({ socket: p.socket }, "control socket ready");
+    lock = await state.lockForDaemon();
   } catch (err) {
-    await housekeeping.stop();
-    await audit.task?.stop();
-    await d.stop();
     return errorCode(err, log);
   }
-  return new Promise<number>((resolve) => {
+  if ("owner" in lock) {
+    return errorCode(
+      new EgressError(
+        "ERR_EGRESS_RUNNING",
+        `another egressd (pid ${lock.owner}) is running on ${p.stateDir}; this one changed nothing`,
+        {
+          exitCode: 3,
+          hint: "stop it first (systemctl stop egressd), or give this one another --state-dir",
+          details: { pid: lock.owner },
+        },
+      ),
+      log,
+    );
+  }
+  const held = lock;
+  let stopping: Promise<void> | null = null;
+  const done = new Promise<number>((resolve) => {
     const stop = (signal: string) => {
+      if (stopping) return;
       log.info({ signal }, "stopping; the kernel keeps enforcing the current ruleset");
-      void housekeeping.stop();
-      void audit.task?.stop();
-      server?.close();
-      void d.stop().then(() => resolve(0));
+      stopping = (async () => {
+        watcher?.close();
+        await housekeeping?.stop();
+        await audit.task?.stop();
+        server?.close();
+        await d.stop();
+        nft.close?.();
+        await held.release();
+      })();
+      void stopping.then(() => resolve(0));
     };
+    // Signals first: a SIGHUP during start-up is a reload, queued after it.
     process.once("SIGTERM", () => stop("SIGTERM"));
     process.once("SIGINT", () => stop("SIGINT"));
     process.on("SIGHUP", () => {
@@ -190,6 +240,30 @@ async function daemon(g: GlobalOptions): Promise<number> {
       d.reload().catch(() => undefined); // load errors are logged by the daemon
     });
   });
+  try {
+    // The control socket answers during start-up (status; changes queue behind the start).
+    server = await serveControl(p.socket, handler, log);
+    log.info({ socket: p.socket }, "control socket ready");
+    await d.start();
+    // Enforcing from the saved state: units ordered after egressd may start now.
+    await sdNotify("READY=1\nSTATUS=enforcing the policy; resolving names", log);
+    log.info({ pid: process.pid }, "ready");
+    d.begin();
+    housekeeping = cron.schedule("* * * * *", () => d.housekeep(), {
+      name: "housekeeping",
+      noOverlap: true,
+    });
+    watcher = watchConfig(p.configDir, () => d.noticeChanges(), log);
+  } catch (err) {
+    watcher?.close();
+    await housekeeping?.stop();
+    await audit.task?.stop();
+    server?.close();
+    await d.stop();
+    await held.release();
+    return errorCode(err, log);
+  }
+  return done;
 }
 
 async function main(argv: string[]): Promise<number> {
@@ -208,4 +282,5 @@ async function main(argv: string[]): Promise<number> {
   return code;
 }
 
-process.exitCode = await main(process.argv.slice(2));
+if (process.argv.includes(HELPER_FLAG)) serveNftHelper();
+else process.exitCode = await main(process.argv.slice(2));

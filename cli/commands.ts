@@ -140,29 +140,44 @@ export function pendingText(r: { pending?: string[] }): string {
     : "";
 }
 
-/** After a saved change: have the daemon apply it, or say how it will take effect. */
-export async function takeEffect(ctx: Ctx): Promise<{ applied: boolean; note: string }> {
+/**
+ * Saves one service's new policy (`next`; null removes it) and makes it take effect. With
+ * egressd running, the daemon applies that one service (it checks it against the others it has
+ * loaded; nothing here reads their files); if it refuses, the file goes back to `previous` and
+ * nothing has changed. Without egressd, `localChecks` (which may read the other files) decide,
+ * and the change waits for egressd or `egressctl apply`. Call inside `ctx.store.locked`.
+ */
+export async function commitChange(
+  ctx: Ctx,
+  service: string,
+  previous: ServicePolicy | null,
+  next: ServicePolicy | null,
+  localChecks: () => Promise<void> = async () => undefined,
+): Promise<{ applied: boolean; note: string }> {
   const call = await ctx.daemon();
-  if (call) {
-    try {
-      const r = (await call({ op: "apply" })) as ApplySummary;
-      return {
-        applied: true,
-        note: `applied by egressd (${changeText(r)})${pendingText(r)}`,
-      };
-    } catch (err) {
-      if (!(err instanceof EgressError)) throw err;
-      throw new EgressError(err.code, `saved, but egressd did not apply it: ${err.message}`, {
-        exitCode: err.exitCode,
-        problems: err.problems,
-        hint: err.hint ?? "fix the problem, then run: egressctl apply",
-      });
-    }
+  if (!call) await localChecks();
+  const save = (p: ServicePolicy | null) =>
+    p ? ctx.store.writeService(p) : ctx.store.removeService(service);
+  await save(next);
+  if (!call) {
+    return {
+      applied: false,
+      note: "saved; egressd is not running, so this takes effect when egressd starts (or run: egressctl apply)",
+    };
   }
-  return {
-    applied: false,
-    note: "saved; egressd is not running, so this takes effect when egressd starts (or run: egressctl apply)",
-  };
+  try {
+    const r = (await call({ op: "service", service })) as ApplySummary;
+    return { applied: true, note: `applied by egressd (${changeText(r)})${pendingText(r)}` };
+  } catch (err) {
+    if (!(err instanceof EgressError)) throw err;
+    // The daemon keeps enforcing what it had: put the file back, so disk and kernel agree.
+    await save(previous);
+    throw new EgressError(err.code, `not changed: egressd refused it: ${err.message}`, {
+      exitCode: err.exitCode,
+      problems: err.problems,
+      hint: err.hint ?? "fix the problem, then retry",
+    });
+  }
 }
 
 /** Refuses root as a service's user or group (by id, so a name that resolves to 0 is caught too). */
@@ -312,16 +327,16 @@ export async function register(
     }
     const uid = found ?? (await ctx.users.createUser(String(user)));
     const created = !found;
-    const others = (await ctx.store.loadServices()).filter((p) => p.name !== service);
-    const [{ resolvePrincipals }, { checkDistinctOwners }] = await Promise.all([
-      oneShot(),
-      import("../rules/compile.ts"),
-    ]);
-    checkDistinctOwners(
-      await resolvePrincipals([...others, policy], ctx.users, (n) => ctx.store.serviceFile(n)),
-    );
-    await ctx.store.writeService(policy);
-    const effect = await takeEffect(ctx);
+    const effect = await commitChange(ctx, service, existing, policy, async () => {
+      const others = (await ctx.store.loadServices()).filter((p) => p.name !== service);
+      const [{ resolvePrincipals }, { checkDistinctOwners }] = await Promise.all([
+        oneShot(),
+        import("../rules/compile.ts"),
+      ]);
+      checkDistinctOwners(
+        await resolvePrincipals([...others, policy], ctx.users, (n) => ctx.store.serviceFile(n)),
+      );
+    });
     const verb = existing ? "updated" : "registered";
     return {
       exitCode: 0,
@@ -342,9 +357,8 @@ export async function register(
 
 export async function unregister(ctx: Ctx, service: string): Promise<Result> {
   return ctx.store.locked(async () => {
-    await requireService(ctx, service);
-    await ctx.store.removeService(service);
-    const effect = await takeEffect(ctx);
+    const previous = await requireService(ctx, service);
+    const effect = await commitChange(ctx, service, previous, null);
     return {
       exitCode: 0,
       text: `unregistered ${service}\n${effect.note}\n`,
@@ -376,9 +390,8 @@ export async function allow(
         !p.outbound.some((o) => sameRule(o, r)) && rules.findIndex((x) => sameRule(x, r)) === i,
     );
     const already = rules.filter((r) => p.outbound.some((o) => sameRule(o, r)));
-    if (added.length) await ctx.store.writeService({ ...p, outbound: [...p.outbound, ...added] });
     const effect = added.length
-      ? await takeEffect(ctx)
+      ? await commitChange(ctx, service, p, { ...p, outbound: [...p.outbound, ...added] })
       : { applied: false, note: "nothing changed" };
     const lines = [
       ...(added.length ? [`${service}: allowed ${added.map(formatTarget).join(", ")}`] : []),
@@ -420,11 +433,10 @@ export async function revoke(
           : `${service} has no outbound allowances`,
       );
     }
-    await ctx.store.writeService({
+    const effect = await commitChange(ctx, service, p, {
       ...p,
       outbound: p.outbound.filter((o) => !rules.some((r) => sameRule(o, r))),
     });
-    const effect = await takeEffect(ctx);
     return {
       exitCode: 0,
       text: `${service}: revoked ${rules.map(formatTarget).join(", ")}\n${effect.note}\n`,
@@ -572,6 +584,13 @@ interface StatusData {
     lastAudit: { at: number; findings: number; repaired: boolean; remaining: number } | null;
     lastError: { code: string; message: string; at: number } | null;
     policyError: { message: string; problems?: { where: string; text: string }[] } | null;
+    policyErrors?: {
+      file: string | null;
+      message: string;
+      problems?: { where: string; text: string }[];
+    }[];
+    starting?: boolean;
+    resolving?: number;
     nft?: { backend: string; detail: string };
     warnings?: string[];
   };
@@ -628,9 +647,15 @@ function statusText(s: StatusData): string {
     lines.push(
       `  last error: ${d.lastError.message} (${d.lastError.code}, ${time(d.lastError.at)})`,
     );
-  if (d.policyError) {
-    lines.push(`  policy on disk NOT applied: ${d.policyError.message}`);
-    for (const p of d.policyError.problems ?? []) lines.push(`    ${p.where}: ${p.text}`);
+  if (d.starting)
+    lines.push("  starting: applying the saved ruleset; changes sent now are applied after it");
+  if (d.resolving) lines.push(`  resolving: ${d.resolving} lookup(s) on the wire`);
+  const errors = d.policyErrors ?? (d.policyError ? [{ file: null, ...d.policyError }] : []);
+  for (const pe of errors) {
+    lines.push(
+      `  policy on disk NOT applied${pe.file ? ` (${pe.file})` : ""}: ${pe.message}; still enforcing the last good policy`,
+    );
+    for (const p of pe.problems ?? []) lines.push(`    ${p.where}: ${p.text}`);
   }
   for (const svc of s.services) {
     lines.push(

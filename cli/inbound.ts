@@ -4,7 +4,13 @@ import { EgressError, invalid, type Problem } from "../rules/errors.ts";
 import { checkInboundOverlap } from "../rules/inbound.ts";
 import type { InboundRule } from "../rules/policy.ts";
 import { parsePortSpec } from "../rules/target.ts";
-import { checkServiceName, requireService, takeEffect, type Ctx, type Result } from "./commands.ts";
+import {
+  checkServiceName,
+  commitChange,
+  requireService,
+  type Ctx,
+  type Result,
+} from "./commands.ts";
 
 const PORT_HINT = "write PORT[/tcp|/udp] or LOW-HIGH[/tcp|/udp], e.g. 8080 or 5353/udp";
 const FROM_HINT =
@@ -109,12 +115,12 @@ export async function allowIn(
       ...p,
       inbound: existing ? p.inbound.map((r) => (r === existing ? next : r)) : [...p.inbound, next],
     };
-    if (changed) {
-      const others = (await ctx.store.loadServices()).filter((x) => x.name !== service);
-      checkInboundOverlap([...others, updated]);
-      await ctx.store.writeService(updated);
-    }
-    const effect = changed ? await takeEffect(ctx) : { applied: false, note: "nothing changed" };
+    const effect = changed
+      ? await commitChange(ctx, service, p, updated, async () => {
+          const others = (await ctx.store.loadServices()).filter((x) => x.name !== service);
+          checkInboundOverlap([...others, updated]);
+        })
+      : { applied: false, note: "nothing changed" };
     return {
       exitCode: 0,
       text: `${what}\n${effect.note}\n`,
@@ -138,8 +144,10 @@ export async function revokeIn(ctx: Ctx, service: string, port: string): Promise
           : `${service} declares no inbound ports`,
       );
     }
-    await ctx.store.writeService({ ...p, inbound: p.inbound.filter((r) => !same(r, rule)) });
-    const effect = await takeEffect(ctx);
+    const effect = await commitChange(ctx, service, p, {
+      ...p,
+      inbound: p.inbound.filter((r) => !same(r, rule)),
+    });
     return {
       exitCode: 0,
       text: `${service}: no longer accepts ${text}\n${effect.note}\n`,

@@ -19,7 +19,9 @@ export type FindingKind =
   | "element-missing"
   | "element-extra"
   | "counter-missing"
-  | "counter-extra";
+  | "counter-extra"
+  /** A policy or config file on disk that is not what egressd enforces (edited, broken, new). */
+  | "policy-unapplied";
 
 export interface Finding {
   kind: FindingKind;

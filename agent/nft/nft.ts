@@ -18,6 +18,8 @@ export interface Nft {
   readonly backend: NftBackend;
   /** One line for logs and status: the library or program, and why the fallback was taken. */
   readonly detail: string;
+  /** Releases what the adapter holds (a library context, a helper process); optional. */
+  close?(): void;
 }
 
 export type Counters = Map<string, { packets: number; bytes: number }>;

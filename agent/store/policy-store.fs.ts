@@ -3,9 +3,10 @@
  * Writes are atomic (temp file, fsync, rename) and read-modify-write runs under a lock,
  * so two egressctl commands at the same moment never lose either update.
  */
+import { createHash } from "node:crypto";
 import { constants } from "node:fs";
 import { access, mkdir, readdir, readFile, rm } from "node:fs/promises";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { EgressError, invalid, type Problem } from "../../rules/errors.ts";
 import { parseJsonText } from "../../rules/json-text.ts";
 import { acquire, type Held } from "./pid-lock.fs.ts";
@@ -45,8 +46,29 @@ function fsError(err: unknown, what: string): EgressError {
   });
 }
 
+/** What a file held when last read: a digest of its text, "" when it did not exist. */
+export const digest = (text: string | null) =>
+  text === null ? "" : createHash("sha256").update(text).digest("hex");
+
 export class PolicyStore {
+  /** The digest of each file as this store last read it (the daemon notices edits by it). */
+  readonly digests = new Map<string, string>();
+
   constructor(readonly configDir: string) {}
+
+  get configFile(): string {
+    return join(this.configDir, CONFIG_FILE);
+  }
+
+  /** The digest of what `file` holds now ("" when it does not exist). */
+  async currentDigest(file: string): Promise<string> {
+    try {
+      return digest(await readFile(file, "utf8"));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return "";
+      throw fsError(err, `read ${file}`);
+    }
+  }
 
   get servicesDir(): string {
     return join(this.configDir, SERVICES_DIR);
@@ -56,6 +78,25 @@ export class PolicyStore {
     return join(this.servicesDir, `${name}.json`);
   }
 
+  /** The service a policy file belongs to ("x.json" in services.d), or null. */
+  serviceNameOf(file: string): string | null {
+    const m = /^([^/.][^/]*)\.json$/.exec(relative(this.servicesDir, file));
+    return m?.[1] ?? null;
+  }
+
+  /** The names of the policy files in services.d (what loadServices reads). */
+  async listServiceNames(): Promise<string[]> {
+    try {
+      return (await readdir(this.servicesDir))
+        .filter((e) => e.endsWith(".json") && !e.startsWith("."))
+        .map((e) => e.slice(0, -".json".length))
+        .sort();
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") return [];
+      throw fsError(err, `read ${this.servicesDir}`);
+    }
+  }
+
   /** The daemon config; a missing file means all defaults. */
   async loadConfig(): Promise<DaemonConfig> {
     const file = join(this.configDir, CONFIG_FILE);
@@ -63,9 +104,13 @@ export class PolicyStore {
     try {
       text = await readFile(file, "utf8");
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "ENOENT") return structuredClone(DEFAULT_CONFIG);
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") {
+        this.digests.set(file, "");
+        return structuredClone(DEFAULT_CONFIG);
+      }
       throw fsError(err, `read ${file}`);
     }
+    this.digests.set(file, digest(text));
     return validateConfig(parseJsonText(text, file), file);
   }
 
@@ -76,9 +121,13 @@ export class PolicyStore {
     try {
       text = await readFile(file, "utf8");
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === "ENOENT") return null;
+      if ((err as NodeJS.ErrnoException).code === "ENOENT") {
+        this.digests.set(file, "");
+        return null;
+      }
       throw fsError(err, `read ${file}`);
     }
+    this.digests.set(file, digest(text));
     return validateService(parseJsonText(text, file), file, name);
   }
 

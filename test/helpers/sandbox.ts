@@ -298,10 +298,15 @@ export class Sandbox {
   }
 
   /**
-   * Starts egressd (the daemon) inside the namespace; resolves once its control socket is up.
+   * Starts egressd (the daemon) inside the namespace; resolves once it enforces its table
+   * (or, with until "socket", once its control socket answers).
    * `as` runs it as an unprivileged uid holding only CAP_NET_ADMIN, as the systemd unit does.
    */
-  async startDaemon(env: Record<string, string> = {}, as?: number): Promise<Daemon> {
+  async startDaemon(
+    env: Record<string, string> = {},
+    as?: number,
+    until: "ready" | "socket" = "ready",
+  ): Promise<Daemon> {
     const drop =
       as === undefined
         ? []
@@ -331,7 +336,12 @@ export class Sandbox {
     );
     const d = new Daemon(child);
     this.daemons.push(d);
-    await d.waitFor((l) => l.msg === "control socket ready", 30_000);
+    // "ready": the table is in the kernel (what systemd's READY=1 says); "socket": the control
+    // socket answers, start-up may still be under way.
+    await d.waitFor(
+      (l) => l.msg === (until === "ready" ? "ready" : "control socket ready"),
+      30_000,
+    );
     return d;
   }
 

@@ -242,6 +242,12 @@ test("at start the saved state is enforced before any DNS query", async () => {
     await again.start();
     await settle();
     assert.is(calls[0], "apply true", calls.join("\n"));
+    assert.not.ok(
+      calls.some((c) => c.startsWith("dns ")),
+      "start() enforces the saved state without asking DNS",
+    );
+    again.begin(); // what egressd does after telling systemd it is ready
+    await settle();
     assert.ok(
       calls.some((c) => c.startsWith("dns ")),
       "then DNS",
