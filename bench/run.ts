@@ -3,13 +3,30 @@
  * Every figure is the median of several runs next to a baseline measured in the same run; the
  * full run writes docs/performance.md, the quick one dist/bench/performance-quick.md.
  */
-import { spawn, type ChildProcess } from "node:child_process";
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
 import { execa } from "execa";
-import { serviceToJSON, type ServicePolicy } from "../rules/policy.ts";
 import { EGRESSCTL, ROOT, Sandbox, type Daemon } from "../test/helpers/sandbox.ts";
+import { dnsAware } from "./dns-proxy.ts";
+import {
+  connRate as connRateOf,
+  ctl,
+  DEST,
+  EXTRA,
+  fmt,
+  CONN_PORT,
+  log,
+  median,
+  p95,
+  pct,
+  timed,
+  udpRate as udpRateOf,
+  startIperf,
+  untrackIperf,
+  writePolicies,
+  type Row,
+} from "./lib.ts";
 import { FIRST_UID, naiveRuleset, services } from "./workloads.ts";
 
 const quick = process.argv.includes("--quick");
@@ -41,103 +58,9 @@ const P = quick
       idleSecs: 10,
     };
 
-const DEST = "192.0.2.10";
-const IPERF_PORT = 5201;
-const CONN_PORT = 8080;
-const EXTRA = [
-  { host: DEST, port: IPERF_PORT },
-  { host: DEST, port: CONN_PORT },
-];
-
-interface Row {
-  section: string;
-  what: string;
-  value: number;
-  unit: string;
-  baseline?: { what: string; value: number };
-  /** value / baseline, or baseline / value when lower is better (so above 1 is worse). */
-  ratio?: number;
-  target?: string;
-  meets?: boolean;
-}
 const rows: Row[] = [];
-
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? (s[m] as number) : ((s[m - 1] as number) + (s[m] as number)) / 2;
-};
-const pct = (xs: number[], p: number) =>
-  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.ceil(xs.length * p) - 1)] as number;
-const p95 = (xs: number[]) => pct(xs, 0.95);
-const fmt = (n: number) =>
-  n >= 100 ? Math.round(n).toLocaleString("en-US") : n >= 10 ? n.toFixed(1) : n.toFixed(2);
-const log = (s: string) => process.stdout.write(`${s}\n`);
-
-async function timed(fn: () => Promise<unknown>): Promise<number> {
-  const t0 = performance.now();
-  await fn();
-  return performance.now() - t0;
-}
-
-/** Writes policy files directly (the store's fsync per file is not what is being measured). */
-function writePolicies(sb: Sandbox, list: readonly ServicePolicy[]): void {
-  const dir = join(sb.configDir, "services.d");
-  rmSync(dir, { recursive: true, force: true });
-  mkdirSync(dir, { recursive: true });
-  for (const p of list) writeFileSync(join(dir, `${p.name}.json`), serviceToJSON(p));
-}
-
-async function ctl(sb: Sandbox, ...args: string[]): Promise<void> {
-  const r = await sb.egressctl(...args);
-  if (r.exitCode !== 0) throw new Error(`egressctl ${args.join(" ")}: ${r.stderr}`);
-}
-
-// ---------------------------------------------------------------- packet path
-
-async function udpRate(sb: Sandbox, uid: number): Promise<number> {
-  const rates: number[] = [];
-  for (let i = 0; i < P.pktRuns; i++) {
-    const r = await sb.exec("setpriv", [
-      `--reuid=${uid}`,
-      `--regid=${uid}`,
-      "--clear-groups",
-      "iperf3",
-      "-c",
-      DEST,
-      "-p",
-      String(IPERF_PORT),
-      "-u",
-      "-l",
-      "16",
-      "-b",
-      "0",
-      "-t",
-      String(P.pktSecs),
-      "--json",
-    ]);
-    const j = JSON.parse(r.stdout) as {
-      end?: { sum?: { packets: number; seconds: number } };
-      error?: string;
-    };
-    if (!j.end?.sum) throw new Error(`iperf3 as uid ${uid}: ${j.error ?? r.stderr}`);
-    rates.push(j.end.sum.packets / j.end.sum.seconds);
-  }
-  return median(rates);
-}
-
-async function connRate(sb: Sandbox, uid: number): Promise<number> {
-  const rates: number[] = [];
-  for (let i = 0; i < P.pktRuns; i++) {
-    const [r] = await sb.probe(uid, [
-      { proto: "tcp-rate", host: DEST, port: CONN_PORT, timeoutMs: P.pktSecs * 1000 },
-    ]);
-    const m = /^rate:(\d+)$/.exec(r?.result ?? "");
-    if (!m) throw new Error(`connection rate as uid ${uid}: ${r?.result}`);
-    rates.push(Number(m[1]));
-  }
-  return median(rates);
-}
+const udpRate = (sb: Sandbox, uid: number) => udpRateOf(sb, uid, P.pktRuns, P.pktSecs);
+const connRate = (sb: Sandbox, uid: number) => connRateOf(sb, uid, P.pktRuns, P.pktSecs);
 
 async function packetPath(): Promise<void> {
   log(
@@ -148,23 +71,9 @@ async function packetPath(): Promise<void> {
     listen: [{ proto: "tcp", host: DEST, port: CONN_PORT }],
     config: { resolvers: [] },
   });
-  const iperf: ChildProcess = spawn(
-    "ip",
-    ["netns", "exec", sb.netNs, "iperf3", "-s", "-B", DEST, "-p", String(IPERF_PORT)],
-    { stdio: "ignore" },
-  );
+  const iperf = await startIperf(sb);
   try {
-    await new Promise((r) => setTimeout(r, 500));
-    // The UDP stream is untracked, in every configuration: otherwise its packets would be
-    // "established" after iperf3's handshake and accepted by the first rule, whatever the
-    // ruleset. Untracked, every packet walks the uid dispatch (or the naive rule list).
-    await sb.nftScript(
-      "table inet bench_notrack {\n chain out {\n  type filter hook output priority raw; policy accept;\n  udp dport " +
-        IPERF_PORT +
-        " notrack\n  udp sport " +
-        IPERF_PORT +
-        " notrack\n }\n}\n",
-    );
+    await untrackIperf(sb);
     const none = await udpRate(sb, FIRST_UID);
     const noneConn = await connRate(sb, FIRST_UID);
     log(`   no ruleset: ${fmt(none)} packets/s, ${fmt(noneConn)} connections/s`);
@@ -526,7 +435,7 @@ async function machine(): Promise<string[]> {
   return [
     `- date: ${new Date().toISOString().slice(0, 16).replace("T", " ")} UTC; mode: ${quick ? "quick" : "full"}`,
     `- machine: ${cpus()[0]?.model ?? "?"}, ${cpus().length} cores, ${Math.round(totalmem() / 2 ** 30)} GiB`,
-    `- kernel: ${await v("uname", ["-r"])}; ${await v("nft", ["--version"])}; Node.js ${process.version}; ${await v("iperf3", ["--version"])}`,
+    `- kernel: ${await v("uname", ["-r"])}; ${await v("nft", ["--version"])}; Node.js ${process.version}; ${await v("iperf3", ["--version"])}; ${(await v("dnsmasq", ["--version"])).replace(/^Dnsmasq version (\S+).*/, "dnsmasq $1")}; libnftables ${await v("sh", ["-c", "dpkg-query -W -f '${Version}' libnftables1 2>/dev/null || rpm -q --qf '%{VERSION}' nftables-libs 2>/dev/null"])}`,
   ];
 }
 
@@ -537,12 +446,12 @@ function table(): string[] {
       "",
       `### ${section}`,
       "",
-      "| figure | median | baseline (same run) | ratio | target | met |",
+      "| figure | value | baseline (same run) | ratio or added | target | met |",
       "|---|---|---|---|---|---|",
     );
     for (const r of rows.filter((x) => x.section === section)) {
       out.push(
-        `| ${r.what} | ${fmt(r.value)} ${r.unit} | ${r.baseline ? `${r.baseline.what}: ${fmt(r.baseline.value)}` : ""} | ${r.ratio !== undefined ? fmt(r.ratio) : ""} | ${r.target ?? ""} | ${r.meets === undefined ? "" : r.meets ? "yes" : "**no**"} |`,
+        `| ${r.what} | ${fmt(r.value)} ${r.unit} | ${r.baseline ? `${r.baseline.what}: ${fmt(r.baseline.value)}` : ""} | ${r.added !== undefined ? `${r.added < 0 ? "" : "+"}${fmt(r.added)} ${r.unit}` : r.ratio !== undefined ? fmt(r.ratio) : ""} | ${r.target ?? ""} | ${r.meets === undefined ? "" : r.meets ? "yes" : "**no**"} |`,
       );
     }
   }
@@ -550,23 +459,48 @@ function table(): string[] {
 }
 
 const started = Date.now();
-await packetPath();
-await apply();
-await daemonSide();
+// --only NAME[,NAME]: run those sections alone (while working on them); the report then goes to
+// dist/bench/, never over docs/performance.md.
+const onlyArg = process.argv.indexOf("--only");
+const only = onlyArg === -1 ? null : (process.argv[onlyArg + 1] ?? "").split(",");
+// --profile DIR: a CPU profile of the daemon during the DNS-aware latency workloads.
+const profileArg = process.argv.indexOf("--profile");
+const profile = profileArg === -1 ? undefined : process.argv[profileArg + 1];
+// --dns-services N: the DNS-aware section with N services instead of 1,000 (100 when quick).
+const dnsServicesArg = process.argv.indexOf("--dns-services");
+const dnsServices = dnsServicesArg === -1 ? undefined : Number(process.argv[dnsServicesArg + 1]);
+const sections: [string, () => Promise<void>][] = [
+  ["packet", packetPath],
+  ["apply", apply],
+  ["daemon", daemonSide],
+  [
+    "dns",
+    () =>
+      dnsAware({
+        quick,
+        rows,
+        ...(profile ? { profile } : {}),
+        ...(dnsServices ? { services: dnsServices } : {}),
+      }),
+  ],
+];
+for (const [name, run] of sections) if (!only || only.includes(name)) await run();
 const report = [
   "# Performance",
   "",
-  `Generated by \`npm run bench${quick ? " -- --quick" : ""}\` (bench/run.ts). Every figure is the median of several runs (packet path: ${P.pktRuns} runs of ${P.pktSecs} s; apply: ${P.applyRuns}; CLI: ${P.cliRuns}), measured in throwaway network namespaces next to its baseline in the same run. Ratios are figure / baseline.`,
+  `Generated by \`npm run bench${quick ? " -- --quick" : ""}\` (bench/run.ts). Every figure is the median of several runs (packet path: ${P.pktRuns} runs of ${P.pktSecs} s; apply: ${P.applyRuns}; CLI: ${P.cliRuns}), measured in throwaway network namespaces next to its baseline in the same run; the DNS-aware mode's latencies are percentiles over every query, "added" being the same percentile minus the resolver's asked directly. Ratios are figure / baseline.`,
   "",
   ...(await machine()),
   ...table(),
   "",
 ];
-const target = quick
-  ? join(ROOT, "dist/bench/performance-quick.md")
-  : join(ROOT, "docs/performance.md");
+const target = only
+  ? join(ROOT, `dist/bench/performance-${only.join("-")}.md`)
+  : quick
+    ? join(ROOT, "dist/bench/performance-quick.md")
+    : join(ROOT, "docs/performance.md");
 mkdirSync(join(target, ".."), { recursive: true });
-const notes = quick ? "" : readNotes();
+const notes = quick || only ? "" : readNotes();
 writeFileSync(target, report.join("\n") + notes);
 log(
   `\n${table().join("\n")}\n\nwrote ${target.replace(ROOT + "/", "")} in ${Math.round((Date.now() - started) / 1000)} s`,

@@ -73,3 +73,31 @@ export function naiveRuleset(count: number, extra: { host: string; port: number 
   lines.push("  }", "}", "");
   return lines.join("\n");
 }
+
+/**
+ * `count` DNS-aware services ("dns": "proxy"), each with its ten literal endpoints and one
+ * wildcard of its own (`*.s<i>.bench.test:443`, so every service has name sets); the last one
+ * also allows `extra` (hosts with ports: the names the DNS benchmarks ask).
+ */
+export function dnsAwareServices(count: number, extra: string[]): ServicePolicy[] {
+  return services(count).map((p, s) =>
+    validateService(
+      {
+        name: p.name,
+        user: p.user,
+        dns: "proxy",
+        outbound: [
+          ...p.outbound,
+          { host: `*.s${s}.bench.test`, ports: "443", protocol: "tcp" },
+          ...(s === count - 1
+            ? extra.map((t) => {
+                const i = t.lastIndexOf(":");
+                return { host: t.slice(0, i), ports: t.slice(i + 1), protocol: "tcp" };
+              })
+            : []),
+        ],
+      },
+      "bench",
+    ),
+  );
+}
