@@ -14,7 +14,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { build } from "esbuild";
 import { execa } from "execa";
-import { compile, serviceNameSets, type Learned, type ServiceInput } from "../rules/compile.ts";
+import { compile, compileService, type Learned, type ServiceInput } from "../rules/compile.ts";
 import { validateService } from "../rules/policy.ts";
 import { reconcile } from "../rules/reconcile.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
@@ -573,7 +573,7 @@ function reconcileCost(p: Params, rows: Row[]): void {
   const own: number[] = [];
   for (let r = 0; r < runs; r++) {
     let t = performance.now();
-    const sets = serviceNameSets(last, resolutions, oneMore);
+    const sets = compileService(last, resolutions, oneMore).sets;
     const replaced = new Map(sets.map((x) => [x.name, x]));
     const desired: Ruleset = {
       ...applied,
@@ -582,7 +582,7 @@ function reconcileCost(p: Params, rows: Row[]): void {
     const a = reconcile(applied, desired, o);
     whole.push(performance.now() - t);
     t = performance.now();
-    const sets2 = serviceNameSets(last, resolutions, oneMore);
+    const sets2 = compileService(last, resolutions, oneMore).sets;
     const names = new Set(sets2.map((x) => x.name));
     const b = reconcile(
       { ...applied, counters: [], chains: [], sets: applied.sets.filter((x) => names.has(x.name)) },
