@@ -34,7 +34,7 @@ import type { NameMatcher } from "../rules/name-match.ts";
 import { dnsBypassWarnings } from "../rules/nsswitch.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import { DEFAULT_MARGIN_MS, reconcile, type Reconciled } from "../rules/reconcile.ts";
-import type { Ruleset } from "../rules/ruleset.ts";
+import type { Ruleset, SetDef } from "../rules/ruleset.ts";
 import { parsePorts } from "../rules/target.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
 import { resolvePrincipals } from "./apply.ts";
@@ -110,6 +110,14 @@ const MAX_TIMER = 2 ** 31 - 1;
 class ChangeNeedsReload extends Error {}
 
 /** A number per policy object: a reloaded or changed policy is a new object, so a new number. */
+/** The domain names a policy allows (each policy object is read once). */
+const domainNamesOf = new WeakMap<ServicePolicy, string[]>();
+function domainNames(p: ServicePolicy): string[] {
+  let names = domainNamesOf.get(p);
+  if (!names) domainNamesOf.set(p, (names = domainAllowances(p).map((d) => d.name)));
+  return names;
+}
+
 const policyIds = new WeakMap<ServicePolicy, number>();
 let nextPolicyId = 0;
 function policyId(p: ServicePolicy): number {
@@ -140,8 +148,17 @@ export class Daemon {
   private readonly inflight = new Map<string, Promise<void>>();
   /** Dropped addresses already logged, so each is logged once per name. */
   private readonly droppedLogged = new Set<string>();
+  /** The services as last compiled (same objects while the policy and proxy ports hold). */
+  private inputsMemo: { loaded: Loaded; ports: number; inputs: ServiceInput[] } | null = null;
+  /** Bumped whenever syncProxies may have opened, moved or closed a proxy. */
+  private portsVersion = 0;
+  /** The table desired() last assembled (its shared sets are reused while they hold). */
+  private lastDesired: Ruleset | null = null;
   /** Each service's compiled parts, and what they were compiled from. */
-  private readonly parts = new Map<string, { key: string; parts: ServiceParts }>();
+  private readonly parts = new Map<
+    string,
+    { key: string; parts: ServiceParts; input: ServiceInput; learned: number }
+  >();
   /** Loopback port of each DNS-aware service's proxy (kept across restarts in the state file). */
   private ports = new Map<string, number>();
   /** Services whose learned addresses wait for the next proxy transaction, and who waits. */
@@ -164,12 +181,41 @@ export class Daemon {
   private enforced: Loaded | null = null;
   /** True until start() has applied the cached ruleset. */
   starting = true;
-  private digest: string | null = null;
+  /** The table last applied, for its digest (computed when state is saved, not per commit). */
+  private digestOf: { table: Ruleset; digest: string | null } | null = null;
+  /** The host's own addresses, read at each full commit (the proxy's answers use this copy). */
+  private host: ReadonlySet<string> = new Set();
+  /** Applied sets by name (rebuilt when the applied table changes), for the proxy's checks. */
+  private appliedIndex: { of: Ruleset | null; sets: Map<string, SetDef> } = {
+    of: null,
+    sets: new Map(),
+  };
   /** Saved state read at start-up, kept until a policy loads. */
   private saved: { names?: unknown; learned?: unknown; proxyPorts?: unknown } | null = null;
 
   constructor(private readonly deps: DaemonDeps) {
     this.startedAt = deps.clock();
+  }
+
+  /** sha256 of the last applied table as one replace batch (what status and state show). */
+  private get digest(): string | null {
+    const d = this.digestOf;
+    if (!d) return null;
+    d.digest ??= createHash("sha256")
+      .update(JSON.stringify(replaceBatch(d.table, 0)))
+      .digest("hex");
+    return d.digest;
+  }
+
+  /** An applied set by name. */
+  private appliedSet(name: string): SetDef | undefined {
+    if (this.appliedIndex.of !== this.applied) {
+      this.appliedIndex = {
+        of: this.applied,
+        sets: new Map((this.applied?.sets ?? []).map((s) => [s.name, s])),
+      };
+    }
+    return this.appliedIndex.sets.get(name);
   }
 
   get config(): DaemonConfig | null {
@@ -266,7 +312,7 @@ export class Daemon {
   private restore(): void {
     const l = this.loaded as Loaded;
     const now = this.deps.clock();
-    const host = this.deps.hostAddresses();
+    const host = (this.host = this.deps.hostAddresses());
     const file = this.deps.state.file;
     const names = NameTable.fromJSON(this.saved?.names, l.config.refresh, {
       names: this.policyNames(),
@@ -366,6 +412,14 @@ export class Daemon {
    * A service whose proxy cannot listen gets no redirect: its lookups fail (closed), nothing opens.
    */
   private async syncProxies(): Promise<void> {
+    try {
+      await this.placeProxies();
+    } finally {
+      this.portsVersion++; // the services' inputs are built again with the ports as they are now
+    }
+  }
+
+  private async placeProxies(): Promise<void> {
     const proxies = this.deps.proxies;
     const l = this.loaded as Loaded;
     if (!proxies) return;
@@ -385,7 +439,10 @@ export class Daemon {
     for (const name of [...this.ports.keys()]) if (!wanted.has(name)) this.ports.delete(name);
     const range = parsePorts(l.config.dns.proxyPortRange);
     if ("error" in range) return;
-    const taken = () => new Set([...this.ports.values()]);
+    // Ports in use or kept for a service; candidates are tried from a cursor that only moves
+    // forward, so placing N proxies costs O(N), not a scan of the range per proxy.
+    const taken = new Set(this.ports.values());
+    let cursor = range.low;
     for (const [name, svc] of wanted) {
       const current = proxies.port(name);
       if (current !== undefined && current >= range.low && current <= range.high) {
@@ -395,15 +452,16 @@ export class Daemon {
       const tried = new Set<number>();
       const preferred = this.ports.get(name);
       this.ports.delete(name);
+      if (preferred !== undefined) taken.delete(preferred);
       const candidates = function* () {
         if (preferred !== undefined && preferred >= range.low && preferred <= range.high)
           yield preferred;
-        for (let p = range.low; p <= range.high; p++) yield p;
+        for (; cursor <= range.high; cursor++) yield cursor;
       };
       let bound: number | null = null;
       let lastErr = "";
       for (const port of candidates()) {
-        if (tried.has(port) || taken().has(port)) continue;
+        if (tried.has(port) || taken.has(port)) continue;
         tried.add(port);
         if (tried.size > 50) break;
         try {
@@ -412,6 +470,7 @@ export class Daemon {
           break;
         } catch (err) {
           lastErr = (err as Error).message;
+          taken.add(port); // busy (another program's?): the next services skip it this round
         }
       }
       if (bound === null) {
@@ -427,6 +486,7 @@ export class Daemon {
         continue;
       }
       this.ports.set(name, bound);
+      taken.add(bound);
       this.deps.log.info(
         { service: name, port: bound },
         `${name}: DNS proxy listening on port ${bound}`,
@@ -438,10 +498,14 @@ export class Daemon {
   private inputs(): ServiceInput[] {
     const l = this.loaded as Loaded;
     const proxies = this.deps.proxies;
-    return l.services.map((s) => {
+    const m = this.inputsMemo;
+    if (m?.loaded === l && m.ports === this.portsVersion) return m.inputs;
+    const inputs = l.services.map((s) => {
       const port = s.policy.dns === "proxy" ? proxies?.port(s.policy.name) : undefined;
       return port === undefined ? s : { ...s, proxyPort: port };
     });
+    this.inputsMemo = { loaded: l, ports: this.portsVersion, inputs };
+    return inputs;
   }
 
   /**
@@ -450,39 +514,48 @@ export class Daemon {
    * the answers for its names, what its proxy learned); its unchanged parts are the same
    * objects as before, which reconcile skips without comparing them.
    */
-  private desired(now: number): Ruleset {
+  private desired(now: number, fast = false): Ruleset {
     const l = this.loaded as Loaded;
     const learned = this.learned as LearnedTable;
-    const snapshot = (this.names as NameTable).snapshot(now);
+    let snap: ReturnType<NameTable["snapshot"]> | null = null;
+    const snapshot = () => (snap ??= (this.names as NameTable).snapshot(now));
     const all: ServiceParts[] = [];
     const seen = new Set<string>();
     for (const svc of this.inputs()) {
       const name = svc.policy.name;
       seen.add(name);
+      const cached = this.parts.get(name);
+      // The proxy's transactions change learned addresses only: a service whose input and
+      // learned version are what its parts were compiled from keeps them without a look at
+      // its names (their answers change by refresh, a full commit).
+      if (fast && cached?.input === svc && cached.learned === learned.version(name)) {
+        all.push(cached.parts);
+        continue;
+      }
       const key = [
         policyId(svc.policy),
         svc.uid,
         svc.gid ?? "",
         svc.proxyPort ?? "",
         learned.version(name),
-        ...domainAllowances(svc.policy).map((d) => `${d.name}=${snapshot.get(d.name)?.join(",")}`),
+        ...domainNames(svc.policy).map((d) => `${d}=${snapshot().get(d)?.join(",")}`),
       ].join("|");
-      const cached = this.parts.get(name);
       if (cached?.key === key) {
+        if (cached.input !== svc) this.parts.set(name, { ...cached, input: svc });
         all.push(cached.parts);
         continue;
       }
       const parts = compileService(
         svc,
-        snapshot,
+        snapshot(),
         learned.of(name, now),
         learned.adoptedOf(name, now),
       );
-      this.parts.set(name, { key, parts });
+      this.parts.set(name, { key, parts, input: svc, learned: learned.version(name) });
       all.push(parts);
     }
     for (const name of [...this.parts.keys()]) if (!seen.has(name)) this.parts.delete(name);
-    return assemble(l.config.table, l.resolvers, all);
+    return (this.lastDesired = assemble(l.config.table, l.resolvers, all, this.lastDesired));
   }
 
   /** Timed elements adopted from the kernel at start-up, by service and set. */
@@ -555,15 +628,21 @@ export class Daemon {
     const names = this.names as NameTable;
     const learned = this.learned as LearnedTable;
     const now = clock();
-    const ctx = { hostAddresses: this.deps.hostAddresses() };
-    this.logDropped([
-      ...names.configure(l.config.refresh, ctx),
-      ...learned.configure(l.config.refresh, ctx),
-    ]);
-    learned.retain(l.matchers);
+    if (opts.save === "now") {
+      // A full commit (start, reload, refresh, change, repair): the filter is re-applied with
+      // the host's addresses read again. The proxy's transactions (save "soon") skip this: what
+      // they add was filtered on arrival, with the copy read here.
+      this.host = this.deps.hostAddresses();
+      const ctx = { hostAddresses: this.host };
+      this.logDropped([
+        ...names.configure(l.config.refresh, ctx),
+        ...learned.configure(l.config.refresh, ctx),
+      ]);
+      learned.retain(l.matchers);
+    }
     learned.prune(now);
-    const next = this.desired(now);
-    const before = this.proxyUids();
+    const next = this.desired(now, opts.save === "soon");
+    const before = this.appliedSet(UID_PROXY);
     let r = reconcile(this.applied, next, this.reconcileOptions(now));
     try {
       await this.send(r);
@@ -591,9 +670,7 @@ export class Daemon {
     this.enforced = l;
     this.lastError = null;
     if (r.kind !== "none") {
-      this.digest = createHash("sha256")
-        .update(JSON.stringify(replaceBatch(next, 0)))
-        .digest("hex");
+      this.digestOf = { table: next, digest: null };
       log.info(
         { kind: r.kind, changes: r.changes },
         r.kind === "replace"
@@ -604,7 +681,7 @@ export class Daemon {
       );
     }
     this.lastApply = summary;
-    this.logNameChanges(now);
+    if (opts.save === "now") this.logNameChanges(now); // names change by refresh, not by the proxy
     await this.flushConntrackFor(before);
     if (opts.save === "now") await this.saveState();
     else this.saveSoon();
@@ -622,16 +699,13 @@ export class Daemon {
     throw e;
   }
 
-  /** uids whose DNS the kernel redirects, as applied. */
-  private proxyUids(): Set<number> {
-    const map = this.applied?.sets.find((s) => s.name === UID_PROXY);
-    return new Set((map?.elem ?? []).map((e) => (e as [number])[0]));
-  }
-
   /** A UDP flow to port 53 that predates a new redirect would keep bypassing it: forget those flows. */
-  private async flushConntrackFor(before: Set<number>): Promise<void> {
-    const after = this.proxyUids();
-    if (![...after].some((u) => !before.has(u)) || !this.deps.flushDnsConntrack) return;
+  private async flushConntrackFor(beforeMap: SetDef | undefined): Promise<void> {
+    const afterMap = this.appliedSet(UID_PROXY);
+    if (afterMap === beforeMap || !this.deps.flushDnsConntrack) return;
+    const uids = (m: SetDef | undefined) => new Set((m?.elem ?? []).map((e) => (e as [number])[0]));
+    const before = uids(beforeMap);
+    if (![...uids(afterMap)].some((u) => !before.has(u))) return;
     try {
       await this.deps.flushDnsConntrack();
     } catch (err) {
@@ -714,7 +788,7 @@ export class Daemon {
     const config = this.loaded?.config;
     return filterAddresses(addresses, {
       allowPrivateAddresses: config?.refresh.allowPrivateAddresses ?? true,
-      hostAddresses: this.deps.hostAddresses(),
+      hostAddresses: this.host,
     });
   }
 
@@ -743,7 +817,7 @@ export class Daemon {
     let stale = false;
     for (const a of addresses) {
       for (const setName of sets[a.includes(":") ? 6 : 4]) {
-        const set = this.applied?.sets.find((s) => s.name === setName);
+        const set = this.appliedSet(setName);
         const present = set?.elem.includes(a);
         const until = set?.expires?.[a];
         if (!present || (until !== undefined && until < need)) covered = false;
@@ -1068,6 +1142,9 @@ export class Daemon {
    * timer (it may have been delayed by a suspended machine or a clock jump), saves state.
    */
   housekeep(): Promise<void> {
+    // The proxy filters answers with a copy of the host's addresses: read it again each minute
+    // even when nothing else commits (an address added to the host is refused within a minute).
+    this.host = this.deps.hostAddresses();
     return this.refreshDue()
       .catch(() => undefined)
       .finally(() => this.schedule());

@@ -32,7 +32,7 @@ import {
   sourceRule,
   UID_SERVE,
 } from "./inbound.ts";
-import type { ChainDef, Expr, Ruleset, SetDef } from "./ruleset.ts";
+import { stableKey, type ChainDef, type Expr, type Ruleset, type SetDef } from "./ruleset.ts";
 import {
   parseHost,
   parsePorts,
@@ -633,17 +633,72 @@ const INPUT: ChainDef = deepFreeze({
   rules: [ESTABLISHED, inDispatchRule],
 });
 
+/** What each assembled table was assembled from (to reuse its shared sets next time). */
+const assembledFrom = new WeakMap<
+  Ruleset,
+  { parts: readonly ServiceParts[]; resolvers: readonly ResolverAddr[]; shared: number }
+>();
+const OWN_FIELDS = new Set(["name", "chains", "sets", "counters"]);
+/** A part's share of the shared sets (its dispatch and proxy entries), as one string. */
+const shareKeys = new WeakMap<ServiceParts, string>();
+function shareKey(p: ServiceParts): string {
+  const known = shareKeys.get(p);
+  if (known !== undefined) return known;
+  // Every field but the service's own objects is its share of the shared sets.
+  const k = stableKey(Object.entries(p).filter(([f]) => !OWN_FIELDS.has(f)));
+  shareKeys.set(p, k);
+  return k;
+}
+
+/** Whether `a` and `b` (sorted by name) give the shared sets the same elements. */
+function sameShares(a: readonly ServiceParts[], b: readonly ServiceParts[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i] as ServiceParts;
+    const y = b[i] as ServiceParts;
+    if (x !== y && (x.name !== y.name || shareKey(x) !== shareKey(y))) return false;
+  }
+  return true;
+}
+
 /**
  * The whole table from the services' parts (ordered by service name, so the output is
  * deterministic): shared maps, resolver sets and base chains around them. Checks nothing:
- * callers check owners and inbound ports first (compile does).
+ * callers check owners and inbound ports first (compile does). Given the `previous` table
+ * assembled, and no part's share of the shared maps changed (a service recompiled for a new
+ * address, say), the shared sets are `previous`'s very objects, which reconcile skips.
  */
 export function assemble(
   table: string,
   resolvers: readonly ResolverAddr[],
   parts: readonly ServiceParts[],
+  previous?: Ruleset | null,
 ): Ruleset {
   const sorted = [...parts].sort((a, b) => a.name.localeCompare(b.name));
+  const from = previous ? assembledFrom.get(previous) : undefined;
+  const reuse =
+    previous?.table === table &&
+    from !== undefined &&
+    from.resolvers === resolvers &&
+    sameShares(sorted, from.parts);
+  const sets: SetDef[] = reuse
+    ? previous.sets.slice(0, from.shared)
+    : sharedSets(resolvers, sorted);
+  const shared = sets.length;
+  for (const p of sorted) sets.push(...p.sets);
+  const r: Ruleset = {
+    family: "inet",
+    table,
+    counters: sorted.flatMap((p) => p.counters),
+    sets,
+    chains: [OUTPUT, INPUT, REDIRECT, ...sorted.flatMap((p) => p.chains)],
+  };
+  assembledFrom.set(r, { parts: sorted, resolvers, shared });
+  return r;
+}
+
+/** The maps and sets every service has entries in, and the resolver sets. */
+function sharedSets(resolvers: readonly ResolverAddr[], sorted: readonly ServiceParts[]): SetDef[] {
   const all = (k: keyof Omit<ServiceParts, "name" | "chains" | "sets" | "counters">) =>
     sorted.flatMap((p) => p[k]);
   const byKey = (a: unknown, b: unknown) => (a as [number])[0] - (b as [number])[0];
@@ -685,14 +740,7 @@ export function assemble(
     concatSet(resolverSet(4), 4, resolverAllows(resolvers, 4)),
     concatSet(resolverSet(6), 6, resolverAllows(resolvers, 6)),
   ];
-  for (const p of sorted) sets.push(...p.sets);
-  return {
-    family: "inet",
-    table,
-    counters: sorted.flatMap((p) => p.counters),
-    sets,
-    chains: [OUTPUT, INPUT, REDIRECT, ...sorted.flatMap((p) => p.chains)],
-  };
+  return sets;
 }
 
 /** Compiles the whole table. */

@@ -198,7 +198,8 @@ export function reconcile(
   // A base chain that changed its hook, type or priority: replace everything.
   for (const c of desired.chains) {
     const h = haveChains.get(c.name);
-    if (h && baseShape(h) !== baseShape(c)) return replaceAll(desired, o.now);
+    if (h && h !== c && (h.base || c.base) && baseShape(h) !== baseShape(c))
+      return replaceAll(desired, o.now);
   }
 
   const newChains = desired.chains.filter((c) => !haveChains.has(c.name));
@@ -215,11 +216,13 @@ export function reconcile(
     const h = haveChains.get(c.name);
     if (!h) return false;
     if (h !== c && h.rules !== c.rules && stableKey(h.rules) !== stableKey(c.rules)) return true;
-    for (const r of references(h)) if (recreate.has(r)) return true;
+    if (recreate.size) for (const r of references(h)) if (recreate.has(r)) return true;
     return false;
   });
-  const newCounters = desired.counters.filter((c) => !applied.counters.includes(c));
-  const goneCounters = applied.counters.filter((c) => !desired.counters.includes(c));
+  const haveCounters = new Set(applied.counters);
+  const wantCounters = new Set(desired.counters);
+  const newCounters = desired.counters.filter((c) => !haveCounters.has(c));
+  const goneCounters = applied.counters.filter((c) => !wantCounters.has(c));
 
   const first: Command[] = [];
   const elementDeletes: Command[] = [];
@@ -251,8 +254,9 @@ export function reconcile(
     const have = haveSets.get(want.name);
     if (!have || recreate.has(want.name)) continue;
     const p = elementPlan(have, want, o);
-    afterSets.push(p.after);
+    if (p.after !== want) afterSets.push(p.after);
     if (p.wakeAt !== null) wakeAt = wakeAt === null ? p.wakeAt : Math.min(wakeAt, p.wakeAt);
+    if (!p.deletes.length && !p.adds.length) continue;
     elementChanges += p.deletes.length + p.adds.length;
     elementDeletes.push(...elementCommands(t, want.name, p.deletes, []));
     elementAdds.push(...elementCommands(t, want.name, [], p.adds));
@@ -275,13 +279,14 @@ export function reconcile(
     newSets.length +
     goneSets.length +
     redefined.length;
-  const order = new Map(desired.sets.map((s, i) => [s.name, i]));
-  afterSets.sort((a, b) => (order.get(a.name) ?? 0) - (order.get(b.name) ?? 0));
+  // In the desired order; a set the kernel holds exactly as desired is the desired object.
+  const after = new Map(afterSets.map((s) => [s.name, s]));
+  const ordered = desired.sets.map((s) => after.get(s.name) ?? s);
   return {
     kind: !commands.length ? "none" : structural ? "objects" : "elements",
     commands,
     changes: structural || elementChanges,
-    applied: { ...desired, sets: afterSets },
+    applied: { ...desired, sets: ordered },
     wakeAt,
   };
 }

@@ -119,7 +119,12 @@ export class FakeResolver implements Resolver {
 
 export class FakeProxies implements Proxies {
   readonly listening = new Map<string, { service: ProxyService; port: number }>();
+  /** Ports another program holds: listen() on them fails with EADDRINUSE. */
+  readonly busy = new Set<number>();
+  attempts = 0;
   async listen(service: ProxyService, port: number): Promise<void> {
+    this.attempts++;
+    if (this.busy.has(port)) throw new Error(`listen EADDRINUSE: address already in use :${port}`);
     this.listening.set(service.name, { service, port });
   }
   update(service: ProxyService): void {

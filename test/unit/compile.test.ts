@@ -1,7 +1,7 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { replaceBatch } from "../../rules/batch.ts";
-import { compile } from "../../rules/compile.ts";
+import { assemble, compile, compileService, type ServiceInput } from "../../rules/compile.ts";
 import { EgressError } from "../../rules/errors.ts";
 import { validateBatch } from "../../rules/nft-schema.ts";
 import { elemText, ruleText } from "../../rules/render.ts";
@@ -234,6 +234,51 @@ test("DNS-aware services: their owners and proxy ports fill the guards that run 
     assert.match(x, '"original"');
     assert.match(x, "admin-prohibited");
   }
+});
+
+test("assemble reuses the previous table's shared sets while no service's share of them changed", () => {
+  const input = policy()
+    .service("svc-a", 2001)
+    .proxy(20001)
+    .allow("*.a.example.test:443")
+    .service("svc-b", 2002)
+    .proxy(20002)
+    .build();
+  const [a, b] = input.services as [ServiceInput, ServiceInput];
+  const partsB = compileService(b, input.resolutions);
+  const first = assemble("egressd", input.resolvers, [
+    compileService(a, input.resolutions),
+    partsB,
+  ]);
+  // svc-a recompiled with a learned address: its sets differ, its dispatch entries do not.
+  const learned = new Map([["x.a.example.test", new Map([["198.51.100.1", Date.now() + 60_000]])]]);
+  const second = assemble(
+    "egressd",
+    input.resolvers,
+    [compileService(a, input.resolutions, learned), partsB],
+    first,
+  );
+  for (const name of ["uid_dispatch", "uid2port", "proxy_ports", "uid_dnsaware", "resolvers4"])
+    assert.ok(set(second, name) === set(first, name), `${name} is the same object`);
+  assert.ok(set(second, "s_svc_a_tcp443_4") !== set(first, "s_svc_a_tcp443_4"));
+  assert.equal(set(second, "s_svc_a_tcp443_4")?.elem, ["198.51.100.1"]);
+  // svc-b moved to another proxy port: the shared sets are built anew, with it.
+  const third = assemble(
+    "egressd",
+    input.resolvers,
+    [
+      compileService(a, input.resolutions),
+      compileService({ ...b, proxyPort: 20003 }, input.resolutions),
+    ],
+    second,
+  );
+  assert.ok(set(third, "uid2port") !== set(second, "uid2port"));
+  assert.equal(set(third, "proxy_ports")?.elem, [20001, 20003]);
+  // The same parts without the previous table: equal content.
+  assert.equal(
+    second,
+    assemble("egressd", input.resolvers, [compileService(a, input.resolutions, learned), partsB]),
+  );
 });
 
 test("two services with the same uid are refused, naming both", () => {

@@ -155,6 +155,48 @@ test("queries arriving while a proxy transaction is in flight join the next one:
   }
 });
 
+test("proxy ports: one per service, distinct, a busy port skipped by every service, placed in one pass", async () => {
+  const h = await harness({ ...FAST, dns: { proxyPortRange: "20000-20999" } });
+  try {
+    for (let i = 0; i < 300; i++)
+      await h.service({ name: `svc-${i}`, user: 10_000 + i, dns: "proxy", outbound: [] });
+    for (const p of [20000, 20001, 20005]) h.proxies.busy.add(p);
+    await started(h);
+    const ports = [...h.proxies.listening.values()].map((l) => l.port);
+    assert.is(ports.length, 300);
+    assert.is(new Set(ports).size, 300, "distinct");
+    for (const p of [20000, 20001, 20005]) assert.not.ok(ports.includes(p), `busy ${p} skipped`);
+    // Each busy port is tried once, not once per service.
+    assert.is(h.proxies.attempts, 303);
+  } finally {
+    await h.done();
+  }
+});
+
+test("a learned address is one element added to its service's set; nothing else in the transaction", async () => {
+  const h = await harness(FAST);
+  try {
+    for (let i = 0; i < 50; i++)
+      await h.service({
+        name: `svc-${i}`,
+        user: 10_000 + i,
+        dns: "proxy",
+        outbound: [{ host: `*.s${i}.example.test`, ports: "443" }],
+      });
+    await started(h);
+    const before = h.nft.batches.length;
+    await h.daemon.allowLearned("svc-7", "a.s7.example.test", ["198.51.100.77"], 60);
+    assert.is(h.nft.batches.length, before + 1);
+    const commands = (h.nft.batches.at(-1) as { nftables: Record<string, unknown>[] }).nftables;
+    assert.is(commands.length, 1, JSON.stringify(commands));
+    assert.match(JSON.stringify(commands[0]), '"add":{"element"');
+    assert.match(JSON.stringify(commands[0]), '"name":"s_svc_7_tcp443_4"');
+    assert.match(JSON.stringify(commands[0]), "198.51.100.77");
+  } finally {
+    await h.done();
+  }
+});
+
 test("when the kernel refuses learned addresses, every waiting answer fails (the proxy answers SERVFAIL)", async () => {
   const h = await harness(FAST);
   try {
