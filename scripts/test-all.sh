@@ -24,18 +24,18 @@ fi
 
 # The container and systemd tests' tools: pasta (passt), podman with slirp4netns and the id
 # mappers (uidmap), a static busybox for the image podman imports (no registry), and
-# systemd-analyze for checking generated drop-ins.
+# python3, whose datagram socket plays systemd's side of sd_notify in the readiness test.
 tools=()
-for t in pasta podman slirp4netns newuidmap crun; do command -v "$t" >/dev/null || tools+=("$t"); done
+for t in pasta podman slirp4netns newuidmap crun python3; do command -v "$t" >/dev/null || tools+=("$t"); done
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || tools+=(busybox-static)
 if [ ${#tools[@]} -gt 0 ]; then
   echo "installing container test tools for: ${tools[*]}"
   if command -v apt-get >/dev/null; then
     [ -n "${EGRESSD_APT_UPDATED:-}" ] || apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      passt podman slirp4netns uidmap crun busybox-static >/dev/null
+      passt podman slirp4netns uidmap crun busybox-static python3 >/dev/null
   elif command -v dnf >/dev/null; then
-    dnf install -y -q passt podman slirp4netns shadow-utils crun busybox
+    dnf install -y -q passt podman slirp4netns shadow-utils crun busybox python3
   fi
 fi
 
