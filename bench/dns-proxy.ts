@@ -12,14 +12,20 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { chmodSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { build } from "esbuild";
 import { execa } from "execa";
 import { compile, compileService, type Learned, type ServiceInput } from "../rules/compile.ts";
 import { validateService } from "../rules/policy.ts";
 import { reconcile } from "../rules/reconcile.ts";
 import type { Ruleset } from "../rules/ruleset.ts";
 import { DAEMON_NODE_FLAGS } from "../agent/paths.ts";
-import { Daemon, EGRESSD, ROOT, Sandbox, type Records } from "../test/helpers/sandbox.ts";
+import {
+  bundleScript,
+  Daemon,
+  EGRESSD,
+  ROOT,
+  Sandbox,
+  type Records,
+} from "../test/helpers/sandbox.ts";
 import {
   connRate,
   ctl,
@@ -88,18 +94,7 @@ async function client(): Promise<string> {
     const dir = mkdtempSync(join(tmpdir(), "egressd-bench-"));
     chmodSync(dir, 0o755);
     clientFile = join(dir, "dns-client.mjs");
-    await build({
-      entryPoints: [join(ROOT, "bench/dns-client.ts")],
-      outfile: clientFile,
-      bundle: true,
-      platform: "node",
-      format: "esm",
-      target: "node20",
-      banner: {
-        js: "import { createRequire as __r } from 'node:module'; const require = __r(import.meta.url);",
-      },
-      logLevel: "error",
-    });
+    await bundleScript(join(ROOT, "bench/dns-client.ts"), clientFile);
   }
   return clientFile;
 }

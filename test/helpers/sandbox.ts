@@ -30,25 +30,29 @@ export const EGRESSD = join(ROOT, "dist/egressd.js");
 
 let fixtureDir: string | null = null;
 
+/** Bundles a TypeScript entry into one ES module a plain `node` runs (for test uids). */
+export async function bundleScript(entry: string, outfile: string): Promise<void> {
+  await build({
+    entryPoints: [entry],
+    outfile,
+    bundle: true,
+    platform: "node",
+    format: "esm",
+    target: "node20",
+    banner: {
+      js: "import { createRequire as __r } from 'node:module'; const require = __r(import.meta.url);",
+    },
+    logLevel: "error",
+  });
+}
+
 /** Bundles the peer and probe fixtures once into a world-readable temp dir (test uids run them). */
 export async function fixtures(): Promise<{ peer: string; probe: string }> {
   if (!fixtureDir) {
     const dir = mkdtempSync(join(tmpdir(), "egressd-fixtures-"));
     chmodSync(dir, 0o755);
-    for (const name of ["peer", "probe"]) {
-      await build({
-        entryPoints: [join(ROOT, `test/fixtures/${name}.ts`)],
-        outfile: join(dir, `${name}.mjs`),
-        bundle: true,
-        platform: "node",
-        format: "esm",
-        target: "node20",
-        banner: {
-          js: "import { createRequire as __r } from 'node:module'; const require = __r(import.meta.url);",
-        },
-        logLevel: "error",
-      });
-    }
+    for (const name of ["peer", "probe"])
+      await bundleScript(join(ROOT, `test/fixtures/${name}.ts`), join(dir, `${name}.mjs`));
     fixtureDir = dir;
   }
   return { peer: join(fixtureDir, "peer.mjs"), probe: join(fixtureDir, "probe.mjs") };
