@@ -10,6 +10,8 @@ export interface Row {
   what: string;
   value: number;
   unit: string;
+  /** Shown instead of the number (a yes/no figure, e.g. "kept" or "reset"). */
+  text?: string;
   baseline?: { what: string; value: number };
   /** value / baseline, or baseline / value when lower is better (so above 1 is worse). */
   ratio?: number;

@@ -1,7 +1,10 @@
 /**
  * Runs inside a benchmark namespace (`ip netns exec NS node --import tsx bench/nft-paths.ts`):
  * times egressd's ways into the kernel against raw `nft -j -f`, and prints one JSON object.
- *   full <batch.json> <runs>   replace the whole table: libnftables adapter, nft adapter, raw nft
+ *   full <batch.json> <runs> <egressd.js>   replace the whole table: the daemon's way (libnftables
+ *                              in a helper process, egressd's bundle run with --nft-helper), the
+ *                              libnftables adapter in this process (one-shot egressctl), the nft
+ *                              adapter, raw nft
  *   small <sets> <runs>        one `add element` in a table of <sets> sets, each way
  * Also reports how long the event loop stood still during a full apply, by call mode.
  */
@@ -13,6 +16,7 @@ import { monitorEventLoopDelay } from "node:perf_hooks";
 import type { Batch } from "../rules/batch.ts";
 import { libnftables } from "../agent/nft/libnftables.ffi.ts";
 import { execNft } from "../agent/nft/nft.exec.ts";
+import { helperNft } from "../agent/nft/helper.proc.ts";
 
 const [mode, arg, runsText] = process.argv.slice(2);
 const runs = Number(runsText ?? 5);
@@ -52,6 +56,12 @@ if (mode === "full") {
   await lib.apply(batch); // warm: the table exists from here on, as in a real replace
   result.libnftables = await times(runs, () => lib.apply(batch));
   result.rssAfter = rss();
+  // The daemon's own path: the batch goes over IPC (JSON) to its helper process, which checks
+  // the schema and calls libnftables. Warmed by one apply (starts the helper).
+  const helper = helperNft(process.argv[5] as string);
+  await helper.apply(batch);
+  result.helper = await times(runs, () => helper.apply(batch));
+  helper.close();
   result.exec = await times(runs, () => exec.apply(batch));
   result.raw = await times(runs, () => raw(file));
   result.stallWorker = await stall(() => lib.apply(batch));
