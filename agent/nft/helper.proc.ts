@@ -13,6 +13,7 @@
 import { fork, type ChildProcess } from "node:child_process";
 import { EgressError, type ExitCode } from "../../rules/errors.ts";
 import type { Batch } from "../../rules/batch.ts";
+import { DAEMON_NODE_FLAGS } from "../paths.ts";
 import { chooseNft } from "./index.ts";
 import type { Counters, Nft, NftBackend } from "./nft.ts";
 
@@ -81,7 +82,9 @@ export function helperNft(entry: string = process.argv[1] ?? ""): Nft & { close(
 
   const start = (): ChildProcess => {
     const c = fork(entry, [HELPER_FLAG], {
-      execArgv: [],
+      // The daemon's own Node.js flags (a small young generation), not the parent's execArgv:
+      // the helper is a second resident Node.js process of the same service.
+      execArgv: [...DAEMON_NODE_FLAGS],
       stdio: ["ignore", "inherit", "inherit", "ipc"],
       serialization: "json",
     });
