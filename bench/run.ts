@@ -616,7 +616,8 @@ async function memory(): Promise<void> {
         const rss = treeRss(d.child.pid as number);
         const base = procStat(bare.pid as number).rssKiB / 1024;
         const total = rss.own + rss.childrenAnon;
-        const target = n <= 10 ? 20 : 40;
+        // Issue 13's targets are for 10 and for 1,000 services (the quick run's 100 has none).
+        const target = n === 10 ? 20 : n === 1000 ? 40 : null;
         log(
           `   ${N(n)} services: egressd ${fmt(rss.own)} MiB + nft helper ${fmt(rss.childrenAnon)} MiB anonymous (${fmt(rss.children)} MiB resident); bare node ${fmt(base)} MiB: +${fmt(total - base)} MiB (egressd alone +${fmt(rss.own - base)})`,
         );
@@ -629,8 +630,9 @@ async function memory(): Promise<void> {
             unit: "MiB",
             baseline,
             added: total - base,
-            target: `<= +${target} MB`,
-            meets: total - base <= target,
+            ...(target === null
+              ? {}
+              : { target: `<= +${target} MB`, meets: total - base <= target }),
           },
           {
             section: "Memory",
@@ -733,8 +735,8 @@ async function coldStart(): Promise<void> {
         unit: "ms",
         baseline,
         ratio: m / base,
-        target: "<= 300 ms",
-        meets: m <= 300,
+        // Issue 13's target is for 1,000 names.
+        ...(n === 1000 ? { target: "<= 300 ms", meets: m <= 300 } : {}),
       },
       {
         section: "Cold start",
