@@ -711,6 +711,13 @@ export async function status(ctx: Ctx, service?: string): Promise<Result> {
   return { exitCode: 0, text: statusText(data), data };
 }
 
+/** The Prometheus text the metrics endpoint serves (read through the control socket). */
+export async function metrics(ctx: Ctx): Promise<Result> {
+  const call = await requireDaemon(ctx, "metrics");
+  const r = (await call({ op: "metrics" })) as { text: string; listen: string | null };
+  return { exitCode: 0, text: r.text, data: r };
+}
+
 export async function refresh(ctx: Ctx, service?: string): Promise<Result> {
   if (service) checkServiceName(service);
   const call = await requireDaemon(ctx, "DNS state");
