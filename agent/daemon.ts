@@ -1380,6 +1380,7 @@ export class Daemon {
     const proxy = new Map<string, { allowed: number; refused: number; failed: number }>();
     const nameAddresses = new Map<string, number>();
     const serviceAddresses = new Map<string, number>();
+    const allowedOf = new Map<string, string[]>();
     if (l) {
       const counters = await this.deps.nft.listCounters(l.config.table).catch((err: unknown) => {
         this.deps.log.warn(
@@ -1400,14 +1401,15 @@ export class Daemon {
             failed: st?.failed ?? 0,
           });
         }
-        let total = this.learned?.count(name) ?? 0;
+        // Distinct addresses: what the proxy learned often repeats what refresh resolved.
+        const reach = new Set(this.learned?.namesOf(name).keys() ?? []);
         for (const n of new Set(domainNames(s.policy))) {
-          let count = nameAddresses.get(n);
-          if (count === undefined)
-            nameAddresses.set(n, (count = this.names?.allowed(n, now).length ?? 0));
-          total += count;
+          let addrs = allowedOf.get(n);
+          if (!addrs) allowedOf.set(n, (addrs = this.names?.allowed(n, now) ?? []));
+          nameAddresses.set(n, addrs.length);
+          for (const a of addrs) reach.add(a);
         }
-        serviceAddresses.set(name, total);
+        serviceAddresses.set(name, reach.size);
       }
     }
     return {

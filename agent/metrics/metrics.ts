@@ -16,7 +16,7 @@ export interface MetricsSnapshot {
   proxy: Map<string, { allowed: number; refused: number; failed: number }>;
   /** Allowed addresses per policy name (current and in grace). */
   nameAddresses: Map<string, number>;
-  /** Addresses each service may reach through names (resolved plus learned by its proxy). */
+  /** Distinct addresses each service may reach through names (resolved plus learned by its proxy). */
   serviceAddresses: Map<string, number>;
   /** Milliseconds since the epoch, or null when it never happened. */
   lastRefresh: number | null;
@@ -70,7 +70,7 @@ export class Metrics {
   });
   private readonly serviceAddresses = new Gauge({
     name: "egressd_service_addresses",
-    help: "Addresses a service may reach through names (resolved names plus what its DNS proxy learned)",
+    help: "Distinct addresses a service may reach through names (its names resolved, plus what its DNS proxy learned)",
     labelNames: ["service"],
     registers: [this.registry],
   });
