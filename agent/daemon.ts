@@ -175,6 +175,8 @@ export class Daemon {
   lastAudit: AuditRecord | null = null;
   /** When names were last re-resolved and the result applied (ms), for the metrics. */
   lastRefresh: number | null = null;
+  /** The metrics endpoint as egressd.ts last bound it (status shows it). */
+  metricsEndpoint: { listen: string | null; error: string | null } = { listen: null, error: null };
   /** +1 each time a newly loaded policy reaches the kernel (the metrics' policy generation). */
   generation = 0;
   /**
@@ -1362,6 +1364,7 @@ export class Daemon {
         starting: this.starting,
         nextEvent: table?.nextEvent(now) ?? null,
         resolving: this.inflight.size,
+        metrics: this.metricsEndpoint,
         ...(countersError ? { countersError } : {}),
       },
       services,

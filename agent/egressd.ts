@@ -139,21 +139,26 @@ async function daemon(g: GlobalOptions): Promise<number> {
   const bindMetrics = (config: DaemonConfig) => {
     const want = config.metrics.listen ?? null;
     endpointChange = endpointChange.then(async () => {
-      if ((endpoint?.listen ?? null) === want || stopping) return;
+      if (stopping) return;
+      if (want === null && !endpoint) d.metricsEndpoint = { listen: null, error: null };
+      if ((endpoint?.listen ?? null) === want) return;
       if (endpoint) {
         await endpoint.close();
         log.info({ listen: endpoint.listen }, "metrics endpoint closed");
         endpoint = null;
       }
+      d.metricsEndpoint = { listen: null, error: null };
       if (want === null) return;
       try {
         endpoint = await serveMetrics(want, render, log);
+        d.metricsEndpoint = { listen: want, error: null };
         log.info({ listen: want }, "metrics endpoint ready");
       } catch (err) {
         const e =
           err instanceof EgressError
             ? err
             : new EgressError("ERR_EGRESS_METRICS_LISTEN", String(err));
+        d.metricsEndpoint = { listen: null, error: e.message };
         log.error({ err: e.toJSON() }, `${e.message}; enforcing without a metrics endpoint`);
       }
     });

@@ -593,6 +593,7 @@ interface StatusData {
     resolving?: number;
     nft?: { backend: string; detail: string };
     warnings?: string[];
+    metrics?: { listen: string | null; error: string | null };
   };
   services: {
     name: string;
@@ -650,6 +651,8 @@ function statusText(s: StatusData): string {
   if (d.starting)
     lines.push("  starting: applying the saved ruleset; changes sent now are applied after it");
   if (d.resolving) lines.push(`  resolving: ${d.resolving} lookup(s) on the wire`);
+  if (d.metrics?.error) lines.push(`  metrics endpoint NOT listening: ${d.metrics.error}`);
+  else if (d.metrics?.listen) lines.push(`  metrics on ${d.metrics.listen}`);
   const errors = d.policyErrors ?? (d.policyError ? [{ file: null, ...d.policyError }] : []);
   for (const pe of errors) {
     lines.push(

@@ -170,6 +170,7 @@ test("a file that is not a socket is left alone (logged, enforcing, egressctl me
     assert.is(readFileSync(path, "utf8"), "keep me\n", "never unlinked");
     assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED", "still enforcing");
     assert.ok(byName(await sb.ok("metrics")).has("egressd_build_info"));
+    assert.match(await sb.ok("status"), "metrics endpoint NOT listening");
     await d.stop();
 
     // A socket left by a killed process (nobody answers on it) does not stop the endpoint.
