@@ -126,7 +126,14 @@ export class Metrics {
     registers: [this.registry],
   });
 
-  constructor(version: string) {
+  /**
+   * `minFillMs`: scrapes closer together than this reuse the values read last time, so a
+   * flood of scrapes costs one kernel listing per interval, not one each.
+   */
+  constructor(
+    version: string,
+    private readonly minFillMs = 1000,
+  ) {
     const info = new Gauge({
       name: "egressd_build_info",
       help: "egressd's version and the Node.js running it (always 1)",
@@ -182,13 +189,18 @@ export class Metrics {
   text(): Promise<string> {
     // One scrape at a time: a fill never lands in the middle of another's rendering.
     const run = this.scraping.then(async () => {
-      if (this.source) this.fill(await this.source());
+      const now = performance.now();
+      if (this.source && (this.filledAt === null || now - this.filledAt >= this.minFillMs)) {
+        this.fill(await this.source());
+        this.filledAt = now;
+      }
       return this.registry.metrics();
     });
     this.scraping = run.catch(() => undefined);
     return run;
   }
   private scraping: Promise<unknown> = Promise.resolve();
+  private filledAt: number | null = null;
 
   get contentType(): string {
     return this.registry.contentType;

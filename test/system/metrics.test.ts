@@ -66,6 +66,12 @@ function scrapeUnix(path: string): Promise<{ status: number; type: string; body:
   });
 }
 
+/** A scrape after the endpoint's 1 s reuse interval: the values are read anew. */
+async function scrapeFresh(path: string): Promise<string> {
+  await new Promise((r) => setTimeout(r, 1100));
+  return (await scrapeUnix(path)).body;
+}
+
 /** GET over TCP inside the namespace (curl), so the address is the namespace's. */
 async function scrapeTcp(sb: Sandbox, url: string): Promise<string> {
   const r = await sb.exec("curl", ["-sS", "--fail", "--max-time", "5", url]);
@@ -109,7 +115,7 @@ test("unix socket and TCP: every family parses, the refused counter moves, a rel
     assert.ok((value(fams, "egressd_policy_generation") ?? 0) >= 1);
     // -1 until this daemon has refreshed (it may have started from saved state); then an age.
     await sb.ok("refresh");
-    const refreshed = byName((await scrapeUnix(sock)).body);
+    const refreshed = byName(await scrapeFresh(sock));
     const age = value(refreshed, "egressd_last_refresh_age_seconds") ?? -1;
     assert.ok(age >= 0 && age < 5, `refresh age ${age}`);
     const before =
@@ -119,7 +125,7 @@ test("unix socket and TCP: every family parses, the refused counter moves, a rel
 
     // A real connection by a real process under svc-web's uid, refused by the kernel.
     assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
-    const after = byName((await scrapeUnix(sock)).body);
+    const after = byName(await scrapeFresh(sock));
     const packets = value(after, "egressd_service_refused_packets_total", { service: "svc-web" });
     assert.ok(packets !== null && packets > before, `refused packets ${before} -> ${packets}`);
     const bytes = value(after, "egressd_service_refused_bytes_total", { service: "svc-web" });

@@ -43,7 +43,7 @@ test("metrics.listen: unix:PATH, IPv4:PORT and [IPv6]:PORT; anything else is ref
 });
 
 test("values come from the daemon at each scrape; counters, gauges and histograms parse", async () => {
-  const m = new Metrics("1.2.3");
+  const m = new Metrics("1.2.3", 0);
   let packets = 5;
   m.source = async () => ({
     refused: new Map([["svc-web", { packets, bytes: packets * 60 }]]),
@@ -90,6 +90,26 @@ test("values come from the daemon at each scrape; counters, gauges and histogram
   // table replace, shows the kernel's value: Prometheus treats the drop as a counter reset).
   packets = 9;
   assert.match(await m.text(), /^egressd_service_refused_packets_total\{service="svc-web"\} 9$/m);
+});
+
+test("scrapes closer together than the interval reuse the values read last time", async () => {
+  const m = new Metrics("1.2.3", 60_000);
+  let reads = 0;
+  m.source = async () => {
+    reads++;
+    return {
+      refused: new Map(),
+      proxy: new Map(),
+      nameAddresses: new Map(),
+      serviceAddresses: new Map(),
+      lastRefresh: null,
+      lastAudit: null,
+      generation: 1,
+      now: 0,
+    };
+  };
+  await Promise.all(Array.from({ length: 20 }, () => m.text()));
+  assert.is(reads, 1);
 });
 
 test.run();
