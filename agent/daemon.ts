@@ -46,6 +46,7 @@ import type { Nft } from "./nft/nft.exec.ts";
 import { configuredResolvers } from "./dns/resolvers.fs.ts";
 import type { StateStore } from "./store/state.fs.ts";
 import type { Users } from "./users.sys.ts";
+import type { Metrics, MetricsSnapshot } from "./metrics/metrics.ts";
 
 /** The DNS proxies, as the daemon drives them (agent/dns/proxy.sock.ts; tests may fake it). */
 export interface Proxies {
@@ -74,6 +75,8 @@ export interface DaemonDeps {
   nameService?: () => Promise<{ nsswitch: string; nscdRunning: boolean }>;
   /** Forgets the port-53 conntrack entries, so flows that predate a redirect take it. */
   flushDnsConntrack?: () => Promise<void>;
+  /** The metrics registry this daemon reports to (agent/metrics/metrics.ts); absent: none. */
+  metrics?: Metrics;
   /** Called after the config is (re)loaded, e.g. to reschedule the audit. */
   onConfig?: (config: DaemonConfig) => void;
 }
@@ -170,6 +173,12 @@ export class Daemon {
   lastApply: ApplySummary | null = null;
   lastError: { code: string; message: string; at: number } | null = null;
   lastAudit: AuditRecord | null = null;
+  /** When names were last re-resolved and the result applied (ms), for the metrics. */
+  lastRefresh: number | null = null;
+  /** The metrics endpoint as egressd.ts last bound it (status shows it). */
+  metricsEndpoint: { listen: string | null; error: string | null } = { listen: null, error: null };
+  /** +1 each time a newly loaded policy reaches the kernel (the metrics' policy generation). */
+  generation = 0;
   /**
    * Why the policy on disk is not the one enforced, by file ("*" for the policy as a whole);
    * empty when it is.
@@ -610,7 +619,17 @@ export class Daemon {
 
   /** Sends a reconciled transaction; records it as applied. */
   private async send(r: Reconciled): Promise<void> {
-    if (r.commands.length) await this.deps.nft.apply({ nftables: r.commands });
+    if (r.commands.length) {
+      const kind = r.kind === "replace" ? "full" : "incremental";
+      const t0 = performance.now();
+      try {
+        await this.deps.nft.apply({ nftables: r.commands });
+      } catch (err) {
+        this.deps.metrics?.observeApply(kind, 0, false);
+        throw err;
+      }
+      this.deps.metrics?.observeApply(kind, (performance.now() - t0) / 1000, true);
+    }
     this.applied = r.applied;
     if (r.wakeAt !== null)
       this.wakeAt = this.wakeAt === null ? r.wakeAt : Math.min(this.wakeAt, r.wakeAt);
@@ -667,6 +686,7 @@ export class Daemon {
     const summary: ApplySummary = { kind: r.kind, changes: r.changes, at: now };
     // The kernel holds what was just reconciled: that policy is now the enforced one, and an
     // earlier apply error is over.
+    if (this.enforced !== l) this.generation++;
     this.enforced = l;
     this.lastError = null;
     if (r.kind !== "none") {
@@ -940,7 +960,12 @@ export class Daemon {
     if (!this.loaded || !this.names || this.stopped) return;
     const due = this.names.dueForRefresh(this.deps.clock());
     if (due.length) await this.resolve(due);
-    await this.serial(() => this.commit()).catch(() => undefined);
+    await this.serial(() => this.commit()).then(
+      () => {
+        if (due.length) this.lastRefresh = this.deps.clock();
+      },
+      () => undefined,
+    );
   }
 
   /**
@@ -962,6 +987,7 @@ export class Daemon {
       clearTimeout(timer);
     }
     const summary = await this.serial(() => this.commit());
+    if (finished && lookups.length) this.lastRefresh = summary.at;
     if (finished) return summary;
     void resolution.then(() => this.serial(() => this.commit())).catch(() => undefined);
     const pending = [
@@ -1201,6 +1227,8 @@ export class Daemon {
       }
       const record: AuditRecord = { at: clock(), findings, repaired, remaining: remaining.length };
       this.lastAudit = record;
+      this.deps.metrics?.driftFindings.inc(findings.length);
+      if (repaired) this.deps.metrics?.driftRepairs.inc();
       if (findings.length) {
         log.warn(
           {
@@ -1336,9 +1364,66 @@ export class Daemon {
         starting: this.starting,
         nextEvent: table?.nextEvent(now) ?? null,
         resolving: this.inflight.size,
+        metrics: this.metricsEndpoint,
         ...(countersError ? { countersError } : {}),
       },
       services,
+    };
+  }
+
+  /**
+   * What the metrics read at a scrape: the kernel's refused counters (one listing), the
+   * proxies' counts, addresses per policy name and per service. Labels are services and policy
+   * names only, never addresses.
+   */
+  async metricsSnapshot(): Promise<MetricsSnapshot> {
+    const now = this.deps.clock();
+    const l = this.enforced;
+    const refused = new Map<string, { packets: number; bytes: number }>();
+    const proxy = new Map<string, { allowed: number; refused: number; failed: number }>();
+    const nameAddresses = new Map<string, number>();
+    const serviceAddresses = new Map<string, number>();
+    const allowedOf = new Map<string, string[]>();
+    if (l) {
+      const counters = await this.deps.nft.listCounters(l.config.table).catch((err: unknown) => {
+        this.deps.log.warn(
+          { code: "ERR_EGRESS_NFT_FAILED", error: (err as Error).message },
+          "metrics: could not read the refused counters",
+        );
+        return new Map<string, { packets: number; bytes: number }>();
+      });
+      for (const s of l.services) {
+        const name = s.policy.name;
+        const c = counters.get(serviceObject(name));
+        if (c) refused.set(name, { packets: c.packets, bytes: c.bytes });
+        if (s.policy.dns === "proxy") {
+          const st = this.deps.proxies?.stats(name);
+          proxy.set(name, {
+            allowed: st?.allowed ?? 0,
+            refused: st?.refused ?? 0,
+            failed: st?.failed ?? 0,
+          });
+        }
+        // Distinct addresses: what the proxy learned often repeats what refresh resolved.
+        const reach = new Set(this.learned?.namesOf(name).keys() ?? []);
+        for (const n of new Set(domainNames(s.policy))) {
+          let addrs = allowedOf.get(n);
+          if (!addrs) allowedOf.set(n, (addrs = this.names?.allowed(n, now) ?? []));
+          nameAddresses.set(n, addrs.length);
+          for (const a of addrs) reach.add(a);
+        }
+        serviceAddresses.set(name, reach.size);
+      }
+    }
+    return {
+      refused,
+      proxy,
+      nameAddresses,
+      serviceAddresses,
+      lastRefresh: this.lastRefresh,
+      lastAudit: this.lastAudit?.at ?? null,
+      generation: this.generation,
+      now,
     };
   }
 

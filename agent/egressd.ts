@@ -29,6 +29,8 @@ import { paths, VERSION, type GlobalOptions } from "./paths.ts";
 import { hostAddresses } from "./host.sys.ts";
 import { StateStore } from "./store/state.fs.ts";
 import { systemUsers } from "./users.sys.ts";
+import { Metrics } from "./metrics/metrics.ts";
+import { serveMetrics, type MetricsEndpoint } from "./metrics/endpoint.http.ts";
 
 function logger(): Logger {
   return pino({ base: { svc: "egressd" }, level: process.env.EGRESSD_LOG_LEVEL ?? "info" });
@@ -128,6 +130,39 @@ async function daemon(g: GlobalOptions): Promise<number> {
     Object.assign(audit, { task, schedule: config.audit.schedule });
     log.info({ schedule: config.audit.schedule, repair: config.audit.repair }, "audit scheduled");
   };
+  // One registry for the daemon's life; the endpoint (metrics.listen) comes and goes with the config.
+  const metrics = new Metrics(VERSION);
+  const render = async () => ({ text: await metrics.text(), contentType: metrics.contentType });
+  let endpoint: MetricsEndpoint | null = null;
+  let endpointChange: Promise<void> = Promise.resolve();
+  // A listen failure is logged and the daemon goes on enforcing: metrics never stop the firewall.
+  const bindMetrics = (config: DaemonConfig) => {
+    const want = config.metrics.listen ?? null;
+    endpointChange = endpointChange.then(async () => {
+      if (stopping) return;
+      if (want === null && !endpoint) d.metricsEndpoint = { listen: null, error: null };
+      if ((endpoint?.listen ?? null) === want) return;
+      if (endpoint) {
+        await endpoint.close();
+        log.info({ listen: endpoint.listen }, "metrics endpoint closed");
+        endpoint = null;
+      }
+      d.metricsEndpoint = { listen: null, error: null };
+      if (want === null) return;
+      try {
+        endpoint = await serveMetrics(want, render, log);
+        d.metricsEndpoint = { listen: want, error: null };
+        log.info({ listen: want }, "metrics endpoint ready");
+      } catch (err) {
+        const e =
+          err instanceof EgressError
+            ? err
+            : new EgressError("ERR_EGRESS_METRICS_LISTEN", String(err));
+        d.metricsEndpoint = { listen: null, error: e.message };
+        log.error({ err: e.toJSON() }, `${e.message}; enforcing without a metrics endpoint`);
+      }
+    });
+  };
   let upstream: (query: Buffer) => Promise<Buffer> = () =>
     Promise.reject(new Error("no resolvers loaded yet"));
   const proxies: DnsProxy = new DnsProxy({
@@ -146,8 +181,11 @@ async function daemon(g: GlobalOptions): Promise<number> {
     nft,
     users: systemUsers(),
     resolver: (servers, config) => {
-      upstream = (query) => forward(servers, query, config.dns.queryTimeoutMs);
-      return dnsResolver(servers, { timeoutMs: config.dns.queryTimeoutMs });
+      upstream = (query) => forward(servers, query, config.dns.queryTimeoutMs, metrics.observeDns);
+      return dnsResolver(servers, {
+        timeoutMs: config.dns.queryTimeoutMs,
+        observe: metrics.observeDns,
+      });
     },
     clock: Date.now,
     hostAddresses,
@@ -158,9 +196,15 @@ async function daemon(g: GlobalOptions): Promise<number> {
       nsswitch: await readFile(process.env.EGRESSD_NSSWITCH_CONF || "/etc/nsswitch.conf", "utf8"),
       nscdRunning: existsSync("/var/run/nscd/socket"),
     }),
-    onConfig: scheduleAudit,
+    metrics,
+    onConfig: (config) => {
+      scheduleAudit(config);
+      bindMetrics(config);
+    },
   });
+  metrics.source = () => d.metricsSnapshot();
   let server: Server | null = null;
+  let stopping: Promise<void> | null = null;
   let housekeeping: ScheduledTask | null = null;
   let watcher: { close(): void } | null = null;
 
@@ -182,6 +226,8 @@ async function daemon(g: GlobalOptions): Promise<number> {
         return d.refresh(req.service);
       case "audit":
         return d.audit(Boolean(req.repair));
+      case "metrics":
+        return { text: await metrics.text(), listen: endpoint?.listen ?? null };
       default:
         throw new EgressError("ERR_EGRESS_BAD_REQUEST", `unknown control operation "${req.op}"`, {
           exitCode: 2,
@@ -216,7 +262,6 @@ async function daemon(g: GlobalOptions): Promise<number> {
     );
   }
   const held = lock;
-  let stopping: Promise<void> | null = null;
   const done = new Promise<number>((resolve) => {
     const stop = (signal: string) => {
       if (stopping) return;
@@ -226,6 +271,8 @@ async function daemon(g: GlobalOptions): Promise<number> {
         await housekeeping?.stop();
         await audit.task?.stop();
         server?.close();
+        await endpointChange;
+        await (endpoint as MetricsEndpoint | null)?.close();
         await d.stop();
         nft.close?.();
         await held.release();
@@ -259,6 +306,8 @@ async function daemon(g: GlobalOptions): Promise<number> {
     await housekeeping?.stop();
     await audit.task?.stop();
     server?.close();
+    await endpointChange;
+    await (endpoint as MetricsEndpoint | null)?.close();
     await d.stop();
     await held.release();
     return errorCode(err, log);

@@ -593,6 +593,7 @@ interface StatusData {
     resolving?: number;
     nft?: { backend: string; detail: string };
     warnings?: string[];
+    metrics?: { listen: string | null; error: string | null };
   };
   services: {
     name: string;
@@ -650,6 +651,8 @@ function statusText(s: StatusData): string {
   if (d.starting)
     lines.push("  starting: applying the saved ruleset; changes sent now are applied after it");
   if (d.resolving) lines.push(`  resolving: ${d.resolving} lookup(s) on the wire`);
+  if (d.metrics?.error) lines.push(`  metrics endpoint NOT listening: ${d.metrics.error}`);
+  else if (d.metrics?.listen) lines.push(`  metrics on ${d.metrics.listen}`);
   const errors = d.policyErrors ?? (d.policyError ? [{ file: null, ...d.policyError }] : []);
   for (const pe of errors) {
     lines.push(
@@ -709,6 +712,13 @@ export async function status(ctx: Ctx, service?: string): Promise<Result> {
   const call = await requireDaemon(ctx, "status");
   const data = (await call({ op: "status", ...(service ? { service } : {}) })) as StatusData;
   return { exitCode: 0, text: statusText(data), data };
+}
+
+/** The Prometheus text the metrics endpoint serves (read through the control socket). */
+export async function metrics(ctx: Ctx): Promise<Result> {
+  const call = await requireDaemon(ctx, "metrics");
+  const r = (await call({ op: "metrics" })) as { text: string; listen: string | null };
+  return { exitCode: 0, text: r.text, data: r };
 }
 
 export async function refresh(ctx: Ctx, service?: string): Promise<Result> {

@@ -207,6 +207,15 @@ export function program(
     });
 
   prog
+    .command("metrics")
+    .description(
+      "print the Prometheus text the metrics endpoint serves (works without metrics.listen)",
+    )
+    .action(function (this: Command) {
+      go(this, async (ctx) => (await cmd()).metrics(ctx));
+    });
+
+  prog
     .command("refresh")
     .description("re-resolve names now (all, or one service's) and apply what changed")
     .argument("[service]")

@@ -61,6 +61,8 @@ export interface DaemonConfig {
     proxyPortRange: string;
   };
   audit: { schedule: string; repair: boolean };
+  /** The Prometheus endpoint: "unix:PATH" or "HOST:PORT" ("[::1]:9100"); absent: no listener. */
+  metrics: { listen?: string };
   log: { level: "fatal" | "error" | "warn" | "info" | "debug" | "trace" };
 }
 
@@ -75,6 +77,7 @@ export const DEFAULT_CONFIG: DaemonConfig = {
   },
   dns: { queryTimeoutMs: 2000, unlistedNames: "nxdomain", proxyPortRange: "20000-32767" },
   audit: { schedule: "*/5 * * * *", repair: true },
+  metrics: {},
   log: { level: "info" },
 };
 
@@ -183,6 +186,18 @@ export const CONFIG_SCHEMA = {
       additionalProperties: false,
       properties: { schedule: { type: "string" }, repair: { type: "boolean" } },
     },
+    metrics: {
+      type: "object",
+      additionalProperties: false,
+      properties: {
+        listen: {
+          type: "string",
+          minLength: 1,
+          description:
+            'must be "unix:PATH" or "HOST:PORT", e.g. "unix:/run/egressd/metrics.sock" or "127.0.0.1:9100"',
+        },
+      },
+    },
     log: {
       type: "object",
       additionalProperties: false,
@@ -193,6 +208,33 @@ export const CONFIG_SCHEMA = {
 
 const serviceValidator = () => validator("service", SERVICE_SCHEMA);
 const configValidator = () => validator("config", CONFIG_SCHEMA);
+
+export type Listen =
+  { kind: "unix"; path: string } | { kind: "tcp"; host: string; port: number; family: 4 | 6 };
+
+/**
+ * Parses metrics.listen: "unix:/ABSOLUTE/PATH", "IPv4:PORT" or "[IPv6]:PORT" (an address, not a
+ * host name: the endpoint binds exactly there).
+ */
+export function parseListen(text: string): Listen | { error: string } {
+  const fix = 'write "unix:/run/egressd/metrics.sock", "127.0.0.1:9100" or "[::1]:9100"';
+  if (text.startsWith("unix:")) {
+    const path = text.slice(5);
+    if (!path.startsWith("/") || path.includes("\0") || path.length > 100)
+      return {
+        error: `"${text}": a unix socket path must be absolute and at most 100 bytes; ${fix}`,
+      };
+    return { kind: "unix", path };
+  }
+  const m = /^\[([^\]]+)\]:([0-9]{1,5})$/.exec(text) ?? /^([0-9.]+):([0-9]{1,5})$/.exec(text);
+  if (!m) return { error: `"${text}" is not unix:PATH or ADDRESS:PORT; ${fix}` };
+  const net = parseNet(m[1] ?? "");
+  if ("error" in net || net.canonical.includes("/"))
+    return { error: `"${text}": "${m[1]}" is not an IP address; ${fix}` };
+  const port = Number(m[2]);
+  if (port < 1 || port > 65535) return { error: `"${text}": ports are 1-65535; ${fix}` };
+  return { kind: "tcp", host: net.canonical, port, family: net.canonical.includes(":") ? 6 : 4 };
+}
 
 /** Parses "IP", "IP:PORT" or "[IPv6]:PORT" into an address and port. */
 export function parseResolver(
@@ -327,6 +369,7 @@ export function validateConfig(raw: unknown, file: string): DaemonConfig {
     refresh?: Partial<DaemonConfig["refresh"]>;
     dns?: Partial<DaemonConfig["dns"]>;
     audit?: Partial<DaemonConfig["audit"]>;
+    metrics?: Partial<DaemonConfig["metrics"]>;
     log?: Partial<DaemonConfig["log"]>;
   };
   const config: DaemonConfig = {
@@ -335,8 +378,14 @@ export function validateConfig(raw: unknown, file: string): DaemonConfig {
     refresh: { ...DEFAULT_CONFIG.refresh, ...doc.refresh },
     dns: { ...DEFAULT_CONFIG.dns, ...doc.dns },
     audit: { ...DEFAULT_CONFIG.audit, ...doc.audit },
+    metrics: { ...DEFAULT_CONFIG.metrics, ...doc.metrics },
     log: { ...DEFAULT_CONFIG.log, ...doc.log },
   };
+  if (typeof config.metrics.listen === "string" && config.metrics.listen !== "") {
+    const listen = parseListen(config.metrics.listen);
+    if ("error" in listen)
+      problems.push({ where: `${file}: $.metrics.listen`, text: listen.error });
+  }
   (config.resolvers ?? []).forEach((r, i) => {
     if (typeof r !== "string") return;
     const parsed = parseResolver(r);
