@@ -9,7 +9,12 @@
  */
 import { createHash } from "node:crypto";
 import type { Logger } from "pino";
-import { DROPPED_HINT, filterAddresses, type Dropped } from "../rules/address-filter.ts";
+import {
+  DROPPED_HINT,
+  filterAddresses,
+  refuseReason,
+  type Dropped,
+} from "../rules/address-filter.ts";
 import { replaceBatch } from "../rules/batch.ts";
 import {
   assemble,
@@ -41,7 +46,15 @@ import { resolvePrincipals } from "./apply.ts";
 import { resolveAll, type Lookup, type Resolver } from "./dns/dns.client.ts";
 import { LearnedTable } from "./dns/learned.ts";
 import { clampTtl, FAMILIES, NameTable } from "./dns/names.ts";
-import type { ProxyService, ProxyStats } from "./dns/proxy.sock.ts";
+import type { LookedUpName, ProxyService, ProxyStats } from "./dns/proxy.sock.ts";
+import {
+  effectivePolicy,
+  isLearning,
+  nextLearningEnd,
+  type Learning,
+  type LookedUp,
+  type Observed,
+} from "../rules/learn.ts";
 import type { Nft } from "./nft/nft.exec.ts";
 import { configuredResolvers } from "./dns/resolvers.fs.ts";
 import type { StateStore } from "./store/state.fs.ts";
@@ -57,6 +70,8 @@ export interface Proxies {
   port(service: string): number | undefined;
   stats(service: string): ProxyStats | undefined;
   services(): string[];
+  /** Names `service` looked up outside its policy in audit mode since `since` (ms). */
+  lookedUp(service: string, since?: number): LookedUpName[];
 }
 
 export interface DaemonDeps {
@@ -89,6 +104,18 @@ interface Loaded {
   resolver: Resolver;
   /** What each DNS-aware service may look up. */
   matchers: Map<string, NameMatcher>;
+}
+
+/** What a learning proposal is computed from (egressctl adds the listening sockets). */
+export interface LearningReport {
+  service: string;
+  /** The uid whose listening sockets explain inbound ports (egressctl reads them). */
+  uid: number;
+  learning?: Learning & { active: boolean };
+  observed: Observed[];
+  lookedUp: LookedUp[];
+  /** Why the address filter refuses an address seen, by address (absent: it may be allowed). */
+  refuseReasons: Record<string, string>;
 }
 
 export interface AuditRecord {
@@ -169,6 +196,8 @@ export class Daemon {
   private waiters: { resolve: () => void; reject: (e: unknown) => void }[] = [];
   private flushing: Promise<void> | null = null;
   private saveTimer: NodeJS.Timeout | null = null;
+  /** Wakes the daemon when the next learning window ends (the service is enforced again). */
+  private learnTimer: NodeJS.Timeout | null = null;
   readonly startedAt: number;
   lastApply: ApplySummary | null = null;
   lastError: { code: string; message: string; at: number } | null = null;
@@ -367,7 +396,8 @@ export class Daemon {
     const { store, users } = this.deps;
     store.digests.clear();
     const config = await store.loadConfig();
-    const policies = await store.loadServices();
+    const now = this.deps.clock();
+    const policies = (await store.loadServices()).map((p) => effectivePolicy(p, now));
     const services = await resolvePrincipals(policies, users, (n) => store.serviceFile(n));
     const resolvers = await configuredResolvers(config);
     // What could stop the compiler is checked here, so a bad policy is refused before anything changes.
@@ -396,6 +426,7 @@ export class Daemon {
       log.level = loaded.config.log.level;
       this.policyErrors.clear();
       this.deps.onConfig?.(loaded.config);
+      this.armLearning();
       return true;
     } catch (err) {
       const e =
@@ -1034,7 +1065,8 @@ export class Daemon {
       if (!l || !this.names) throw new ChangeNeedsReload();
       const { store, users } = this.deps;
       try {
-        const policy = await store.loadService(name);
+        const read = await store.loadService(name);
+        const policy = read && effectivePolicy(read, this.deps.clock());
         const others = l.policies.filter((p) => p.name !== name);
         const policies = (policy ? [...others, policy] : others).sort((a, b) =>
           a.name.localeCompare(b.name),
@@ -1051,6 +1083,7 @@ export class Daemon {
         this.loaded = { ...l, policies, services, matchers };
         this.known.set(file, store.digests.get(file) ?? "");
         this.policyErrors.delete(file);
+        this.armLearning();
       } catch (err) {
         const e =
           err instanceof EgressError
@@ -1291,6 +1324,9 @@ export class Daemon {
           uid: s.uid,
           ...(s.gid !== undefined ? { gid: s.gid } : {}),
           mode: s.policy.mode,
+          ...(s.policy.learning
+            ? { learning: { ...s.policy.learning, active: isLearning(s.policy, now) } }
+            : {}),
           dns: {
             mode: s.policy.dns,
             ...(s.policy.dns === "proxy"
@@ -1427,9 +1463,105 @@ export class Daemon {
     };
   }
 
+  /**
+   * Arms one timer for the end of the next learning window: the service is then applied again
+   * from its file, in the mode written there (the window is over, so audit mode ends).
+   */
+  private armLearning(): void {
+    if (this.learnTimer) clearTimeout(this.learnTimer);
+    this.learnTimer = null;
+    const l = this.loaded;
+    if (this.stopped || !l) return;
+    const now = this.deps.clock();
+    const end = nextLearningEnd(l.policies, now);
+    if (end === null) return;
+    this.learnTimer = setTimeout(
+      () => {
+        this.learnTimer = null;
+        const at = this.deps.clock();
+        const ended = (this.loaded?.policies ?? []).filter(
+          (p) => p.learning?.until !== undefined && Date.parse(p.learning.until) <= at,
+        );
+        void (async () => {
+          for (const p of ended) {
+            this.deps.log.info(
+              { service: p.name, since: p.learning?.since, until: p.learning?.until },
+              `${p.name}: learning window over; enforcing its policy again (see: egressctl learn ${p.name} --show)`,
+            );
+            await this.applyService(p.name, "watch").catch(() => undefined);
+          }
+        })().finally(() => this.armLearning());
+      },
+      Math.min(Math.max(0, end - now + 5), MAX_TIMER),
+    );
+  }
+
+  /**
+   * What `egressctl learn --show` proposes from: the service's learning window, the destinations
+   * it reached outside its policy (the kernel's refused-destination record), the names it looked
+   * up outside its policy while learning, and why the address filter would refuse each address.
+   */
+  async learning(service: string): Promise<LearningReport> {
+    const l = this.loaded;
+    const policy = l?.policies.find((p) => p.name === service);
+    if (!l || !policy) {
+      throw new EgressError("ERR_EGRESS_UNKNOWN_SERVICE", `service "${service}" is not loaded`, {
+        hint: `register it first: egressctl register ${service} --user <name|uid>`,
+      });
+    }
+    const now = this.deps.clock();
+    const since = policy.learning ? Date.parse(policy.learning.since) : 0;
+    // Only what was seen since the window opened (an element's last packet; its counter may
+    // include packets refused before, which the proposal does not need to tell apart).
+    const observed = (await this.refused(service))
+      .filter((e) => now - e.lastSeenSeconds * 1000 >= since - 1000)
+      .map((e) => ({
+        address: e.address,
+        family: e.family,
+        protocol: e.protocol,
+        port: e.port,
+        packets: e.packets,
+        names: e.names,
+      }));
+    const lookedUp = (this.deps.proxies?.lookedUp(service, since) ?? []).map((n) => ({
+      name: n.name,
+      addresses: n.addresses,
+    }));
+    const settings = {
+      allowPrivateAddresses: l.config.refresh.allowPrivateAddresses,
+      hostAddresses: this.host,
+    };
+    const reasons: Record<string, string> = {};
+    for (const a of new Set([
+      ...observed.map((o) => o.address),
+      ...lookedUp.flatMap((n) => n.addresses),
+    ])) {
+      const why = refuseReason(a, settings);
+      if (why) reasons[a] = why;
+    }
+    const uid = l.services.find((s) => s.policy.name === service)?.uid ?? -1;
+    return {
+      service,
+      uid,
+      ...(policy.learning
+        ? { learning: { ...policy.learning, active: isLearning(policy, now) } }
+        : {}),
+      observed,
+      lookedUp,
+      refuseReasons: reasons,
+    };
+  }
+
+  // MERGE: replaced by the refused-destination record's Daemon.refused (branch refused).
+  refused(service?: string): Promise<(Observed & { service: string; lastSeenSeconds: number })[]> {
+    void service;
+    return Promise.resolve([]);
+  }
+
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.timer) clearTimeout(this.timer);
+    if (this.learnTimer) clearTimeout(this.learnTimer);
     await this.deps.proxies?.closeAll();
     await this.queue;
     if (this.saveTimer) {

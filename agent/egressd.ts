@@ -222,6 +222,12 @@ async function daemon(g: GlobalOptions): Promise<number> {
         return d.applyService(req.service);
       case "status":
         return d.status(req.service);
+      case "learn":
+        if (!req.service)
+          throw new EgressError("ERR_EGRESS_BAD_REQUEST", '"learn" needs a service name', {
+            exitCode: 2,
+          });
+        return d.learning(req.service);
       case "refresh":
         return d.refresh(req.service);
       case "audit":

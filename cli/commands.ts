@@ -558,7 +558,7 @@ export async function apply(ctx: Ctx, opts: { dryRun?: boolean }): Promise<Resul
   };
 }
 
-async function requireDaemon(ctx: Ctx, what: string): Promise<Call> {
+export async function requireDaemon(ctx: Ctx, what: string): Promise<Call> {
   const call = await ctx.daemon();
   if (!call) {
     throw new EgressError(

@@ -216,6 +216,24 @@ export function program(
     });
 
   prog
+    .command("learn")
+    .description(
+      "learn a service's allowlist: audit mode for a while (its traffic allowed and recorded), then --show the proposal by name, --apply it",
+    )
+    .argument("<service>")
+    .option(
+      "--for <duration>",
+      "how long to learn, e.g. 30m, 1h30m, 7d (default: until --stop or --apply)",
+    )
+    .option("--show", "propose an allowlist from what was recorded; change nothing")
+    .option("--apply", "write the proposal as the service's policy and enforce it")
+    .option("--stop", "end learning without changing the allowlist")
+    .action(function (this: Command, service: string) {
+      const o = this.opts<{ for?: string; show?: boolean; apply?: boolean; stop?: boolean }>();
+      go(this, async (ctx) => (await import("./learn.ts")).learn(ctx, service, o));
+    });
+
+  prog
     .command("refresh")
     .description("re-resolve names now (all, or one service's) and apply what changed")
     .argument("[service]")

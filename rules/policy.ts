@@ -13,6 +13,7 @@ import {
   type OutboundRule,
   type Protocol,
 } from "./target.ts";
+import type { Learning } from "./learn.ts";
 
 export type Mode = "enforce" | "audit";
 /**
@@ -39,6 +40,8 @@ export interface ServicePolicy {
   dns: DnsMode;
   outbound: OutboundRule[];
   inbound: InboundRule[];
+  /** A learning window (egressctl learn): audit mode meanwhile; the written mode after it. */
+  learning?: Learning;
 }
 
 export interface DaemonConfig {
@@ -128,6 +131,17 @@ export const SERVICE_SCHEMA = {
           ports: portsSchema,
           protocol: protocolSchema,
         },
+      },
+    },
+    learning: {
+      description:
+        "a learning window written by egressctl learn: the service runs in audit mode from since until until (or until stopped)",
+      type: "object",
+      additionalProperties: false,
+      required: ["since"],
+      properties: {
+        since: { type: "string", description: "ISO 8601 time, e.g. 2026-12-05T10:00:00.000Z" },
+        until: { type: "string", description: "ISO 8601 time, e.g. 2026-12-05T11:00:00.000Z" },
       },
     },
     inbound: {
@@ -340,6 +354,15 @@ export function validateService(raw: unknown, file: string, expectedName?: strin
       ...(from.length ? { from } : {}),
     };
   });
+  const learning = doc.learning as Learning | undefined;
+  for (const key of ["since", "until"] as const) {
+    const v = learning?.[key];
+    if (typeof v === "string" && Number.isNaN(Date.parse(v)))
+      problems.push({
+        where: at(`$.learning.${key}`),
+        text: `"${v}" is not a time: write ISO 8601, e.g. 2026-12-05T10:00:00Z (or end learning: egressctl learn ${String(doc.name)} --stop)`,
+      });
+  }
   if (problems.length) {
     throw invalid(
       "ERR_EGRESS_POLICY_INVALID",
@@ -356,6 +379,14 @@ export function validateService(raw: unknown, file: string, expectedName?: strin
     dns,
     outbound,
     inbound,
+    ...(learning && typeof learning.since === "string"
+      ? {
+          learning: {
+            since: learning.since,
+            ...(typeof learning.until === "string" ? { until: learning.until } : {}),
+          },
+        }
+      : {}),
   };
 }
 
@@ -438,6 +469,7 @@ export function serviceToJSON(p: ServicePolicy): string {
       protocol: r.protocol,
       ...(r.from?.length ? { from: r.from } : {}),
     })),
+    ...(p.learning ? { learning: p.learning } : {}),
   };
   return JSON.stringify(doc, null, 2) + "\n";
 }

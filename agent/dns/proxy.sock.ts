@@ -58,6 +58,17 @@ export interface ProxyStats {
 }
 
 const LAST_REFUSED = 10;
+/** Names remembered per service in audit mode (for learning), and addresses per name. */
+const MAX_LOOKED_UP = 4096;
+const MAX_ADDRESSES = 64;
+
+/** A name an audit-mode service looked up outside its policy, with what it was answered. */
+export interface LookedUpName {
+  name: string;
+  addresses: string[];
+  /** When it was last looked up (ms). */
+  at: number;
+}
 /** At most one "refused" log line per service and name in this interval. */
 const LOG_EVERY_MS = 60_000;
 
@@ -67,6 +78,8 @@ interface Listener {
   stats: ProxyStats;
   servers: { udp4: DNS.UDPServer; udp6: DNS.UDPServer; tcp4: DNS.TCPServer; tcp6: DNS.TCPServer };
   logged: Map<string, number>;
+  /** Audit mode: unlisted names looked up, oldest first (bounded: the oldest is forgotten). */
+  lookedUp: Map<string, { addresses: Set<string>; at: number }>;
 }
 
 function bindUdp(server: DNS.UDPServer, port: number, address: string): Promise<void> {
@@ -103,6 +116,15 @@ export class DnsProxy {
     return this.listeners.get(service)?.stats;
   }
 
+  /** The names `service` looked up outside its policy in audit mode (learning), since `since` (ms). */
+  lookedUp(service: string, since = 0): LookedUpName[] {
+    const l = this.listeners.get(service);
+    if (!l) return [];
+    return [...l.lookedUp]
+      .filter(([, v]) => v.at >= since)
+      .map(([name, v]) => ({ name, addresses: [...v.addresses], at: v.at }));
+  }
+
   services(): string[] {
     return [...this.listeners.keys()];
   }
@@ -124,6 +146,7 @@ export class DnsProxy {
       service,
       stats: { allowed: 0, refused: 0, failed: 0, lastRefused: [] },
       logged: new Map(),
+      lookedUp: new Map(),
       servers: {
         udp4: new DNS.UDPServer({ type: "udp4" }),
         udp6: new DNS.UDPServer({ type: "udp6" }),
@@ -200,6 +223,19 @@ export class DnsProxy {
     );
   }
 
+  /** Records what an audit-mode service was answered for a name it may not look up (learning). */
+  private remember(l: Listener, name: string, addresses: readonly string[]): void {
+    const seen = l.lookedUp.get(name) ?? { addresses: new Set<string>(), at: 0 };
+    l.lookedUp.delete(name); // re-inserted last: the map stays in order of last look-up
+    for (const a of addresses) if (seen.addresses.size < MAX_ADDRESSES) seen.addresses.add(a);
+    seen.at = this.deps.clock();
+    l.lookedUp.set(name, seen);
+    if (l.lookedUp.size > MAX_LOOKED_UP) {
+      const oldest = l.lookedUp.keys().next().value;
+      if (oldest !== undefined) l.lookedUp.delete(oldest);
+    }
+  }
+
   /** Answers one query of `l`'s service. */
   private async handle(
     l: Listener,
@@ -244,6 +280,7 @@ export class DnsProxy {
       return;
     }
     let out = raw;
+    if (!listed && name !== null) this.remember(l, name, answerAddresses(answer, q.name).addresses);
     if (listed && name !== null) {
       const found = answerAddresses(answer, q.name);
       if (found.addresses.length) {

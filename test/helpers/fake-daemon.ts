@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pino } from "pino";
 import type { Resolution, Resolver } from "../../agent/dns/dns.client.ts";
-import type { ProxyService, ProxyStats } from "../../agent/dns/proxy.sock.ts";
+import type { LookedUpName, ProxyService, ProxyStats } from "../../agent/dns/proxy.sock.ts";
 import { Daemon, type Proxies } from "../../agent/daemon.ts";
 import type { Nft } from "../../agent/nft/nft.exec.ts";
 import { PolicyStore } from "../../agent/store/policy-store.fs.ts";
@@ -145,6 +145,11 @@ export class FakeProxies implements Proxies {
   }
   services(): string[] {
     return [...this.listening.keys()];
+  }
+  /** What each service looked up outside its policy (tests fill it in). */
+  readonly names = new Map<string, LookedUpName[]>();
+  lookedUp(service: string, since = 0): LookedUpName[] {
+    return (this.names.get(service) ?? []).filter((n) => n.at >= since);
   }
 }
 
