@@ -300,4 +300,35 @@ test("at start the saved state is enforced before any DNS query", async () => {
   }
 });
 
+test("a learning window runs the service in audit mode, and when it ends the daemon enforces it again by itself", async () => {
+  const h = await harness(FAST);
+  try {
+    const end = new Date(h.clock.now + 60).toISOString();
+    await h.service({
+      name: "svc-web",
+      user: 2001,
+      dns: "system",
+      outbound: [{ host: "192.0.2.1", ports: "443" }],
+      learning: { since: new Date(h.clock.now).toISOString(), until: end },
+    });
+    await started(h);
+    const mode = async () =>
+      (
+        (await h.daemon.status()) as {
+          services: { mode: string; learning?: { active: boolean } }[];
+        }
+      ).services[0];
+    assert.is((await mode())?.mode, "audit", "learning: audit mode");
+    assert.is((await mode())?.learning?.active, true);
+    const batches = h.nft.batches.length;
+    h.clock.now += 200; // the window is over; the daemon's timer fires within ~65 ms
+    await until(() => h.logs.some((l) => /learning window over/.test(l.msg)), "window end logged");
+    await until(() => h.nft.batches.length > batches, "re-applied");
+    assert.is((await mode())?.mode, "enforce", "its written mode again");
+    assert.is((await mode())?.learning?.active, false);
+  } finally {
+    await h.done();
+  }
+});
+
 test.run();
