@@ -10,6 +10,7 @@ const OLD = "192.0.2.10";
 const NEW = "192.0.2.11";
 const ELSEWHERE = "198.51.100.20";
 const OLD_STYLE_UID = 2002;
+const LEARNER_UID = 2003;
 /** A load balancer: seven addresses, one per answer, TTL 5 s. */
 const ROT = Array.from({ length: 7 }, (_, i) => `203.0.113.${100 + i}`);
 
@@ -32,6 +33,7 @@ const RECORDS = (api: string): Records => ({
   "api.example.test": { A: [api], ttl: 2 },
   "www.lb.example.test": { A: ROT, rotate: true, ttl: 5 },
   "c2VjcmV0.exfil.example.test": { A: [ELSEWHERE], ttl: 60 },
+  "billing.example.test": { A: [ELSEWHERE], ttl: 60 },
 });
 
 async function ctl(sb: Sandbox, ...args: string[]): Promise<void> {
@@ -173,6 +175,32 @@ async function main(): Promise<void> {
     );
     if (seen) throw new Error("demo expectation failed: the query left the host");
 
+    say(
+      "Learning an allowlist: svc-new runs in audit mode for a while, then egressd proposes one by name",
+    );
+    await ctl(sb, "register", "svc-new", "--user", String(LEARNER_UID));
+    await ctl(sb, "learn", "svc-new", "--for", "10m");
+    const learned = await sb.probe(LEARNER_UID, [
+      {
+        proto: "resolve-connect",
+        host: "127.0.0.1",
+        port: 53,
+        name: "billing.example.test",
+        connectPort: 8080,
+        count: 2,
+      },
+      { proto: "tcp", host: NEW, port: 443 },
+    ]);
+    console.log(
+      `   svc-new looks up billing.example.test and connects to it on 8080 (${learned[0]?.result}), and to ${NEW}:443 by address (${learned[1]?.result})`,
+    );
+    if (learned[0]?.result !== "ok:2/2" || learned[1]?.result !== "connected")
+      throw new Error(`demo expectation failed: ${JSON.stringify(learned)}`);
+    await ctl(sb, "learn", "svc-new", "--show");
+    await ctl(sb, "learn", "svc-new", "--apply");
+    await connect(sb, LEARNER_UID, NEW, 443, "connected");
+    await connect(sb, LEARNER_UID, OLD, 443, "ECONNREFUSED");
+
     say("Live status");
     await ctl(sb, "status");
 
@@ -192,6 +220,8 @@ async function main(): Promise<void> {
           .join("\n"),
       ),
     );
+    say("What egressd refused, per destination: the kernel's own record, with the names behind it");
+    await ctl(sb, "refused");
   } finally {
     say("Cleaning up: stopping egressd and deleting the namespaces");
     await daemon?.stop();
