@@ -7,10 +7,8 @@
  * deadline, so a slow or hostile resolver never holds up a control request, the audit or
  * other names.
  */
-import { createHash } from "node:crypto";
 import type { Logger } from "pino";
 import { DROPPED_HINT, filterAddresses, type Dropped } from "../rules/address-filter.ts";
-import { replaceBatch } from "../rules/batch.ts";
 import {
   assemble,
   checkDistinctOwners,
@@ -34,7 +32,7 @@ import type { NameMatcher } from "../rules/name-match.ts";
 import { dnsBypassWarnings } from "../rules/nsswitch.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import { DEFAULT_MARGIN_MS, reconcile, type Reconciled } from "../rules/reconcile.ts";
-import type { Ruleset, SetDef } from "../rules/ruleset.ts";
+import { tableDigest, type Ruleset, type SetDef } from "../rules/ruleset.ts";
 import { parsePorts } from "../rules/target.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
 import { resolvePrincipals } from "./apply.ts";
@@ -206,13 +204,11 @@ export class Daemon {
     this.startedAt = deps.clock();
   }
 
-  /** sha256 of the last applied table as one replace batch (what status and state show). */
+  /** The digest of the last applied table (what status and state show); see tableDigest. */
   private get digest(): string | null {
     const d = this.digestOf;
     if (!d) return null;
-    d.digest ??= createHash("sha256")
-      .update(JSON.stringify(replaceBatch(d.table, 0)))
-      .digest("hex");
+    d.digest ??= tableDigest(d.table);
     return d.digest;
   }
 

@@ -3,7 +3,7 @@ import * as assert from "uvu/assert";
 import { compile } from "../../rules/compile.ts";
 import { reconcile, type ReconcileOptions } from "../../rules/reconcile.ts";
 import type { Command } from "../../rules/batch.ts";
-import type { Ruleset, SetDef } from "../../rules/ruleset.ts";
+import { tableDigest, type Ruleset, type SetDef } from "../../rules/ruleset.ts";
 import { validateBatch } from "../../rules/nft-schema.ts";
 import { policy } from "../helpers/builders.ts";
 
@@ -264,6 +264,23 @@ test("a replace carries each timed element's remaining lifetime and leaves expir
   assert.equal((added?.add?.set as { elem: unknown[] }).elem, [
     { elem: { val: "192.0.2.5", timeout: 42 } },
   ]);
+});
+
+test("the table digest follows the content: equal tables agree, one changed element or rule changes it", () => {
+  const a = base();
+  const again = base(); // the same content, other objects
+  assert.is(tableDigest(a), tableDigest(again));
+  assert.is(tableDigest(a), tableDigest(a), "hashing twice (cached parts) gives the same");
+  const s = a.sets.find((x) => x.elem.length) as SetDef;
+  const changed = withSet(a, { ...s, elem: [...s.elem, "203.0.113.99"] });
+  assert.is.not(tableDigest(changed), tableDigest(a), "an added element");
+  const chain = a.chains[a.chains.length - 1] as Ruleset["chains"][number];
+  const ruled = {
+    ...a,
+    chains: [...a.chains.slice(0, -1), { ...chain, rules: chain.rules.slice(1) }],
+  };
+  assert.is.not(tableDigest(ruled), tableDigest(a), "a removed rule");
+  assert.is.not(tableDigest({ ...a, table: "other" }), tableDigest(a), "another table");
 });
 
 test.run();
