@@ -106,6 +106,8 @@ export interface ApplySummary {
 }
 
 const MAX_TIMER = 2 ** 31 - 1;
+/** More changed service files than this are applied by one reload instead of one at a time. */
+const MAX_FILES_ONE_BY_ONE = 8;
 
 /** applyService before any policy loaded: the whole policy has to be read. */
 class ChangeNeedsReload extends Error {}
@@ -1093,14 +1095,27 @@ export class Daemon {
       for (const f of [...this.policyErrors.keys()]) if (f !== "*") this.policyErrors.delete(f);
       return;
     }
-    this.deps.log.info({ files: changed }, "policy files changed on disk");
-    if (changed.includes(store.configFile) || this.policyErrors.has("*")) {
+    this.deps.log.info(
+      { files: changed.length > 20 ? [...changed.slice(0, 20), "..."] : changed },
+      `${changed.length} policy file(s) changed on disk`,
+    );
+    // Many files at once (configuration management rolling out a fleet's policy) are one
+    // reload, one transaction, not a transaction per file.
+    if (
+      changed.includes(store.configFile) ||
+      this.policyErrors.has("*") ||
+      changed.length > MAX_FILES_ONE_BY_ONE
+    ) {
       await this.reload().catch(() => undefined); // the reason is logged and shown in status
       return;
     }
     for (const f of changed) {
       const name = store.serviceNameOf(f);
-      if (name) await this.applyService(name, "watch").catch(() => undefined);
+      if (!name) continue;
+      // A reload or egressctl may have loaded this file while the ones before were applied.
+      const now = await store.currentDigest(f).catch(() => null);
+      if (now !== null && now === (this.known.get(f) ?? "")) continue;
+      await this.applyService(name, "watch").catch(() => undefined);
     }
   }
 

@@ -2,6 +2,7 @@
  * The Daemon with fake nft, DNS, clock and proxies: what it sends to the kernel, in what order,
  * and what it answers, without a kernel. (System tests prove the real thing in namespaces.)
  */
+import { writeFileSync } from "node:fs";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { parseLive } from "../../rules/live.ts";
@@ -295,6 +296,44 @@ test("at start the saved state is enforced before any DNS query", async () => {
       "then DNS",
     );
     await again.stop();
+  } finally {
+    await h.done();
+  }
+});
+
+test("files edited by hand: a few are applied one by one, many at once are one reload, and nothing twice", async () => {
+  const h = await harness(FAST);
+  try {
+    await h.service({ name: "svc-0", user: 2000, dns: "system", outbound: [] });
+    await started(h);
+    const write = (i: number) =>
+      writeFileSync(
+        h.store.serviceFile(`svc-${i}`),
+        JSON.stringify({
+          name: `svc-${i}`,
+          user: 2000 + i,
+          dns: "system",
+          outbound: [{ host: `192.0.2.${i}`, ports: "443" }],
+        }),
+      );
+    let before = h.nft.batches.length;
+    for (let i = 1; i <= 2; i++) write(i);
+    await h.daemon.noticeChanges();
+    assert.is(h.nft.batches.length - before, 2, "two files: one transaction each");
+    before = h.nft.batches.length;
+    for (let i = 3; i <= 40; i++) write(i);
+    await h.daemon.noticeChanges();
+    assert.is(h.nft.batches.length - before, 1, "38 files: one reload, one transaction");
+    assert.ok(h.logs.some((l) => l.msg === "38 policy file(s) changed on disk"));
+    assert.is(((await h.daemon.status()) as { services: unknown[] }).services.length, 41);
+    before = h.nft.batches.length;
+    const logged = h.logs.length;
+    await h.daemon.noticeChanges();
+    assert.is(h.nft.batches.length, before, "nothing changed since: nothing applied");
+    assert.not.ok(
+      h.logs.slice(logged).some((l) => /changed on disk|policy applied/.test(l.msg)),
+      "and nothing logged",
+    );
   } finally {
     await h.done();
   }
