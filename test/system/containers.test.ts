@@ -284,4 +284,30 @@ test("podman run --network=slirp4netns as the service's user: allowed host reach
   });
 });
 
+test("podman run --network=slirp4netns in DNS-aware mode: slirp4netns's DNS forwarder is redirected to egressd's proxy", async () => {
+  await withSandbox(WORLD, async (sb) => {
+    await ok(sb, "register", "svc-pod", "--user", String(POD_UID));
+    await ok(sb, "allow", "svc-pod", "*.cdn.example.test:443");
+    await sb.startDaemon();
+    const out = await inPodman(
+      sb,
+      POD_UID,
+      [
+        "nslookup a.cdn.example.test",
+        "nslookup evil.example.test",
+        `if got=$(nc -w 3 ${CDN} 443 </dev/null 2>&1); then echo "tcp ${CDN} ok: $got"; else echo "tcp ${CDN} failed: $got"; fi`,
+      ].join("\n"),
+    );
+    // Only the proxy can have allowed a name below a wildcard, and only before answering.
+    assert.match(out, `Address: ${CDN}`, out);
+    assert.match(out, `tcp ${CDN} ok: hello from ${CDN}:443`, out);
+    assert.match(out, /evil\.example\.test: NXDOMAIN/, out);
+    const log = sb.dnsLog();
+    assert.not.ok(
+      log.some((l) => l.startsWith("evil.example.test")),
+      log.join("\n"),
+    );
+  });
+});
+
 test.run();
