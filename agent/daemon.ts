@@ -273,7 +273,17 @@ export class Daemon {
         "ignoring the state file; starting without last-known addresses (DNS will refill them)",
       );
     }
-    await this.serial(async () => {
+    try {
+      await this.startApply();
+    } finally {
+      this.starting = false;
+    }
+  }
+
+  /** start()'s one transaction: the saved state (and the policy) into the kernel, no DNS. */
+  private startApply(): Promise<void> {
+    const { log } = this.deps;
+    return this.serial(async () => {
       if (!(await this.load())) {
         log.error("not applying: the policy does not load; the kernel keeps its current ruleset");
         return;
@@ -304,7 +314,6 @@ export class Daemon {
           : "applied (no saved state yet)",
       );
     });
-    this.starting = false;
   }
 
   /**
@@ -507,9 +516,12 @@ export class Daemon {
     const proxies = this.deps.proxies;
     const m = this.inputsMemo;
     if (m?.loaded === l && m.ports === this.portsVersion) return m.inputs;
+    const record = l.config.refused.size > 0;
     const inputs = l.services.map((s) => {
       const port = s.policy.dns === "proxy" ? proxies?.port(s.policy.name) : undefined;
-      return port === undefined ? s : { ...s, proxyPort: port };
+      return port === undefined && !record
+        ? s
+        : { ...s, ...(port === undefined ? {} : { proxyPort: port }), record };
     });
     this.inputsMemo = { loaded: l, ports: this.portsVersion, inputs };
     return inputs;
@@ -544,6 +556,7 @@ export class Daemon {
         svc.uid,
         svc.gid ?? "",
         svc.proxyPort ?? "",
+        svc.record ? "r" : "",
         learned.version(name),
         ...domainNames(svc.policy).map((d) => `${d}=${snapshot().get(d)?.join(",")}`),
       ].join("|");
@@ -562,7 +575,13 @@ export class Daemon {
       all.push(parts);
     }
     for (const name of [...this.parts.keys()]) if (!seen.has(name)) this.parts.delete(name);
-    return (this.lastDesired = assemble(l.config.table, l.resolvers, all, this.lastDesired));
+    return (this.lastDesired = assemble(
+      l.config.table,
+      l.resolvers,
+      all,
+      this.lastDesired,
+      l.config.refused,
+    ));
   }
 
   /** Timed elements adopted from the kernel at start-up, by service and set. */
@@ -609,6 +628,7 @@ export class Daemon {
         }),
         resolutions: this.names?.snapshot(now) ?? new Map(),
         learned: this.learned?.all(now) ?? new Map(),
+        refused: l.config.refused,
       });
       const live = parseLive(await this.deps.nft.listTable(l.config.table), l.config.table, now);
       return { changes: diff(live, desired), table: `inet ${l.config.table}` };
@@ -1191,7 +1211,8 @@ export class Daemon {
   private schedule(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
-    if (this.stopped || !this.names) return;
+    // Not during start(): it enforces the saved state without a DNS query; begin() arms the timer.
+    if (this.stopped || !this.names || this.starting) return;
     const now = this.deps.clock();
     const candidates = [this.names.nextEvent(now), this.wakeAt].filter(
       (t): t is number => t !== null,

@@ -36,6 +36,13 @@ export function listing(r: Ruleset, now: number): unknown {
         type: s.type,
         ...(s.map ? { map: s.map } : {}),
         ...(s.flags?.length ? { flags: s.flags } : {}),
+        ...(s.dynamic
+          ? {
+              size: s.dynamic.size,
+              timeout: s.dynamic.timeoutSeconds,
+              stmt: [{ counter: null }],
+            }
+          : {}),
         ...(elem.length ? { elem } : {}),
       },
     });
