@@ -27,6 +27,12 @@ import {
 import { checkInboundOverlap } from "../rules/inbound.ts";
 import { auditDiff, diff, type Finding } from "../rules/diff.ts";
 import { parseLive } from "../rules/live.ts";
+import {
+  parseRefusedListing,
+  REFUSED_SET,
+  refusedEntries,
+  type RefusedEntry,
+} from "../rules/refused.ts";
 import { EgressError } from "../rules/errors.ts";
 import type { NameMatcher } from "../rules/name-match.ts";
 import { dnsBypassWarnings } from "../rules/nsswitch.ts";
@@ -1401,6 +1407,61 @@ export class Daemon {
       },
       services,
     };
+  }
+
+  /**
+   * The destinations the kernel recorded as refused (in audit mode: would have refused), for
+   * every service or one: one `list set` per family, the uid of each element turned into its
+   * service, and the names the daemon knows the address by now (the answers the refresh loop
+   * holds for any policy's names, and what any service's DNS proxy learned). Most packets first.
+   * Empty when the record is off (`refused.size` 0). Learning mode builds on this.
+   */
+  async refused(service?: string): Promise<RefusedEntry[]> {
+    const l = this.enforced ?? this.loaded;
+    if (!l)
+      throw (
+        this.loadError ??
+        new EgressError("ERR_EGRESS_NOT_READY", "egressd has not loaded a policy yet", {
+          exitCode: 3,
+        })
+      );
+    if (service !== undefined && !l.services.some((s) => s.policy.name === service))
+      throw new EgressError(
+        "ERR_EGRESS_UNKNOWN_SERVICE",
+        `service "${service}" is not registered (or not loaded)`,
+        { hint: "egressctl list shows the policy on disk; egressctl apply loads it" },
+      );
+    if (l.config.refused.size <= 0) return [];
+    const raw = [];
+    for (const family of [4, 6] as const)
+      raw.push(
+        ...parseRefusedListing(await this.deps.nft.listSet(l.config.table, REFUSED_SET[family])),
+      );
+    const now = this.deps.clock();
+    const byAddress = new Map<string, Set<string>>();
+    const note = (address: string, name: string) => {
+      const set = byAddress.get(address) ?? new Set<string>();
+      set.add(name);
+      byAddress.set(address, set);
+    };
+    const wanted = new Set(raw.map((r) => r.address));
+    for (const name of this.names?.list() ?? [])
+      for (const a of this.names?.allowed(name, now) ?? []) if (wanted.has(a)) note(a, name);
+    for (const svc of l.services)
+      for (const [a, names] of this.learned?.namesOf(svc.policy.name) ?? [])
+        if (wanted.has(a)) for (const n of names) note(a, n);
+    const serviceOf = new Map(l.services.map((svc) => [svc.uid, svc.policy.name]));
+    return refusedEntries(
+      raw,
+      serviceOf,
+      (_svc, address) => [...(byAddress.get(address) ?? [])],
+      service,
+    );
+  }
+
+  /** The refused record's settings as enforced (the control op reports them with the entries). */
+  refusedConfig(): DaemonConfig["refused"] | null {
+    return (this.enforced ?? this.loaded)?.config.refused ?? null;
   }
 
   /**
