@@ -41,7 +41,7 @@ test("refused connections show up by service with packet counts, last seen and t
     await sb.ok("register", "svc-audit", "--user", String(AUDIT_UID), "--mode", "audit");
     await sb.ok("register", "svc-db", "--user", String(DB_UID));
     await sb.ok("allow", "svc-db", `${DB}:5432`);
-    await sb.startDaemon();
+    const daemon = await sb.startDaemon();
     await sb.ok("refresh");
 
     const api = API4[0] as string;
@@ -119,6 +119,16 @@ test("refused connections show up by service with packet counts, last seen and t
       "the repair left the record alone",
     );
     assert.is((await sb.egressctl("audit")).exitCode, 0);
+
+    // A restart reconciles from the kernel's listing: the record survives it.
+    await daemon.stop();
+    await sb.startDaemon();
+    assert.is(
+      JSON.stringify(await elements(sb, 4)).replace(/"expires": ?\d+/g, ""),
+      before.replace(/"expires": ?\d+/g, ""),
+      "the restart left the record alone",
+    );
+    assert.is((await refusedJson(sb, "svc-web")).entries.length, 4);
   });
 });
 
