@@ -176,4 +176,37 @@ test("a flood of distinct destinations keeps the set within its size and changes
   });
 });
 
+test("the record turns off and on with a reload: sets and update rules go and come back, verdicts unchanged", async () => {
+  await withSandbox(WORLD, async (sb) => {
+    sb.writeConfig({ ...WORLD.config, refused: { size: 64, timeoutSeconds: 600 } });
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "api.example.test:443");
+    await sb.startDaemon();
+    await sb.ok("refresh");
+    const api = API4[0] as string;
+    assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
+    assert.is((await refusedJson(sb)).entries.length, 1);
+
+    sb.writeConfig({ ...WORLD.config, refused: { size: 0, timeoutSeconds: 600 } });
+    await sb.ok("apply");
+    const table = await sb.nft("list", "table", "inet", "egressd");
+    assert.not.match(table, "refused", "no sets, no update rules");
+    assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
+    assert.is(await sb.try1(SVC_UID, "tcp", api, 443), "connected");
+    assert.match(await sb.ok("refused"), "the refused-destination record is off");
+
+    sb.writeConfig({ ...WORLD.config, refused: { size: 32, timeoutSeconds: 60 } });
+    await sb.ok("apply");
+    assert.is(await sb.try1(SVC_UID, "tcp", OTHER, 443), "ECONNREFUSED");
+    const { entries, record } = await refusedJson(sb);
+    assert.equal(record, { size: 32, timeoutSeconds: 60 });
+    assert.equal(
+      entries.map((e) => [e.address, e.port, e.packets]),
+      [[OTHER, 443, 1]],
+    );
+    assert.match(await sb.nft("list", "set", "inet", "egressd", "refused4"), "size 32");
+    assert.is((await sb.egressctl("audit")).exitCode, 0);
+  });
+});
+
 test.run();
