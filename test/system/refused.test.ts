@@ -176,7 +176,7 @@ test("a flood of distinct destinations keeps the set within its size and changes
   });
 });
 
-test("the record turns off and on with a reload: sets and update rules go and come back, verdicts unchanged", async () => {
+test("the record turns off and on with a reload (sets and update rules go and come back, verdicts unchanged); a socket matched by the service's group is recorded under the service", async () => {
   await withSandbox(WORLD, async (sb) => {
     sb.writeConfig({ ...WORLD.config, refused: { size: 64, timeoutSeconds: 600 } });
     await sb.ok("register", "svc-web", "--user", String(SVC_UID));
@@ -206,6 +206,15 @@ test("the record turns off and on with a reload: sets and update rules go and co
     );
     assert.match(await sb.nft("list", "set", "inet", "egressd", "refused4"), "size 32");
     assert.is((await sb.egressctl("audit")).exitCode, 0);
+
+    // A socket governed through the service's group (another uid) is recorded under the service.
+    await sb.ok("register", "svc-grp", "--user", "2004", "--group", "2005");
+    const [viaGroup] = await sb.probe(3005, [{ proto: "tcp", host: DB, port: 5432 }], 2005);
+    assert.is(viaGroup?.result, "ECONNREFUSED");
+    assert.equal(
+      (await refusedJson(sb, "svc-grp")).entries.map((e) => [e.service, e.address, e.port]),
+      [["svc-grp", DB, 5432]],
+    );
   });
 });
 
