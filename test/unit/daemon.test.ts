@@ -380,16 +380,21 @@ test("refused(): the kernel's record by service, with the names the daemon knows
     await h.service({
       name: "svc-db",
       user: 2002,
-      outbound: [{ host: "198.51.100.1", ports: "5432" }],
+      outbound: [
+        { host: "198.51.100.1", ports: "5432" },
+        { host: "*.cdn.example.test", ports: "443" },
+      ],
     });
     h.resolver.answers.set("api.example.test", { 4: ["192.0.2.1"] });
     await started(h);
     await h.daemon.refresh();
+    // svc-db's DNS proxy learned an address for a name it may look up.
+    await h.daemon.allowLearned("svc-db", "a.cdn.example.test", ["203.0.113.9"], 60);
     h.nft.setListings.set(
       "refused4",
       recordListing([
         recorded(2001, "192.0.2.1", 80, 3, 3590),
-        recorded(2002, "203.0.113.9", 443, 40, 3000),
+        recorded(2002, "203.0.113.9", 80, 40, 3000),
         recorded(4242, "203.0.113.10", 443, 99, 3000),
       ]),
     );
@@ -404,7 +409,7 @@ test("refused(): the kernel's record by service, with the names the daemon knows
         e.names,
       ]),
       [
-        ["svc-db", "203.0.113.9:443/tcp", 40, 600, []],
+        ["svc-db", "203.0.113.9:80/tcp", 40, 600, ["a.cdn.example.test"]],
         ["svc-web", "192.0.2.1:80/tcp", 3, 10, ["api.example.test"]],
       ],
       "most packets first; a uid no service has is left out",
