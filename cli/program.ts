@@ -212,6 +212,16 @@ export function program(
     });
 
   prog
+    .command("refused")
+    .description(
+      "destinations the kernel refused (or, in audit mode, would have), by service: packets, last seen, the name each address came from",
+    )
+    .argument("[service]")
+    .action(function (this: Command, service?: string) {
+      go(this, async (ctx) => (await cmd()).refused(ctx, service));
+    });
+
+  prog
     .command("metrics")
     .description(
       "print the Prometheus text the metrics endpoint serves (works without metrics.listen)",

@@ -19,6 +19,13 @@ export interface SetDef {
    * the "timeout" flag. Elements not listed are permanent.
    */
   expires?: Record<string, number>;
+  /**
+   * A set the packet path writes (`update @set { ... }`, the refused-destination record): at
+   * most `size` elements, each with a packet and byte counter and a lifetime of
+   * `timeoutSeconds`. Its elements belong to the kernel: reconcile never adds, deletes or
+   * flushes them and the audit does not compare them (`elem` is always empty here).
+   */
+  dynamic?: { size: number; timeoutSeconds: number };
 }
 
 export interface BaseChain {

@@ -175,6 +175,7 @@ function ctlPage(): string {
     "egressctl allow svc\\-web api.example.com:443 10.0.0.0/8:5432",
     "egressctl allow\\-in svc\\-web 8080 \\-\\-from 192.0.2.0/24",
     "egressctl status svc\\-web",
+    "egressctl refused svc\\-web    # what it tried and was refused, by packets",
     "egressctl audit \\-\\-repair",
     "egressctl systemd svc\\-web \\-\\-unit web.service \\-\\-harden \\-\\-write",
     "egressctl check && systemctl reload egressd    # after configuration management wrote services.d/",
