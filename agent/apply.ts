@@ -207,6 +207,7 @@ export async function plan(deps: Deps, resolve: "all" | "missing" = "all"): Prom
     resolutions,
     learned: learned.table.all(now),
     adopted: new Map([...matchers.keys()].map((s) => [s, learned.table.adoptedOf(s, now)])),
+    refused: config.refused,
   });
   const names: NameReport[] = table.list().map((name) => {
     const st = table.get(name);

@@ -7,7 +7,6 @@
  * deadline, so a slow or hostile resolver never holds up a control request, the audit or
  * other names.
  */
-import { createHash } from "node:crypto";
 import type { Logger } from "pino";
 import {
   DROPPED_HINT,
@@ -15,7 +14,6 @@ import {
   refuseReason,
   type Dropped,
 } from "../rules/address-filter.ts";
-import { replaceBatch } from "../rules/batch.ts";
 import {
   assemble,
   checkDistinctOwners,
@@ -34,12 +32,18 @@ import {
 import { checkInboundOverlap } from "../rules/inbound.ts";
 import { auditDiff, diff, type Finding } from "../rules/diff.ts";
 import { parseLive } from "../rules/live.ts";
+import {
+  parseRefusedListing,
+  REFUSED_SET,
+  refusedEntries,
+  type RefusedEntry,
+} from "../rules/refused.ts";
 import { EgressError } from "../rules/errors.ts";
 import type { NameMatcher } from "../rules/name-match.ts";
 import { dnsBypassWarnings } from "../rules/nsswitch.ts";
 import type { DaemonConfig, ServicePolicy } from "../rules/policy.ts";
 import { DEFAULT_MARGIN_MS, reconcile, type Reconciled } from "../rules/reconcile.ts";
-import type { Ruleset, SetDef } from "../rules/ruleset.ts";
+import { tableDigest, type Ruleset, type SetDef } from "../rules/ruleset.ts";
 import { parsePorts } from "../rules/target.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
 import { resolvePrincipals } from "./apply.ts";
@@ -135,6 +139,8 @@ export interface ApplySummary {
 }
 
 const MAX_TIMER = 2 ** 31 - 1;
+/** More changed service files than this are applied by one reload instead of one at a time. */
+const MAX_FILES_ONE_BY_ONE = 8;
 
 /** applyService before any policy loaded: the whole policy has to be read. */
 class ChangeNeedsReload extends Error {}
@@ -235,13 +241,11 @@ export class Daemon {
     this.startedAt = deps.clock();
   }
 
-  /** sha256 of the last applied table as one replace batch (what status and state show). */
+  /** The digest of the last applied table (what status and state show); see tableDigest. */
   private get digest(): string | null {
     const d = this.digestOf;
     if (!d) return null;
-    d.digest ??= createHash("sha256")
-      .update(JSON.stringify(replaceBatch(d.table, 0)))
-      .digest("hex");
+    d.digest ??= tableDigest(d.table);
     return d.digest;
   }
 
@@ -304,7 +308,17 @@ export class Daemon {
         "ignoring the state file; starting without last-known addresses (DNS will refill them)",
       );
     }
-    await this.serial(async () => {
+    try {
+      await this.startApply();
+    } finally {
+      this.starting = false;
+    }
+  }
+
+  /** start()'s one transaction: the saved state (and the policy) into the kernel, no DNS. */
+  private startApply(): Promise<void> {
+    const { log } = this.deps;
+    return this.serial(async () => {
       if (!(await this.load())) {
         log.error("not applying: the policy does not load; the kernel keeps its current ruleset");
         return;
@@ -335,7 +349,6 @@ export class Daemon {
           : "applied (no saved state yet)",
       );
     });
-    this.starting = false;
   }
 
   /**
@@ -540,9 +553,12 @@ export class Daemon {
     const proxies = this.deps.proxies;
     const m = this.inputsMemo;
     if (m?.loaded === l && m.ports === this.portsVersion) return m.inputs;
+    const record = l.config.refused.size > 0;
     const inputs = l.services.map((s) => {
       const port = s.policy.dns === "proxy" ? proxies?.port(s.policy.name) : undefined;
-      return port === undefined ? s : { ...s, proxyPort: port };
+      return port === undefined && !record
+        ? s
+        : { ...s, ...(port === undefined ? {} : { proxyPort: port }), record };
     });
     this.inputsMemo = { loaded: l, ports: this.portsVersion, inputs };
     return inputs;
@@ -577,6 +593,7 @@ export class Daemon {
         svc.uid,
         svc.gid ?? "",
         svc.proxyPort ?? "",
+        svc.record ? "r" : "",
         learned.version(name),
         ...domainNames(svc.policy).map((d) => `${d}=${snapshot().get(d)?.join(",")}`),
       ].join("|");
@@ -595,7 +612,13 @@ export class Daemon {
       all.push(parts);
     }
     for (const name of [...this.parts.keys()]) if (!seen.has(name)) this.parts.delete(name);
-    return (this.lastDesired = assemble(l.config.table, l.resolvers, all, this.lastDesired));
+    return (this.lastDesired = assemble(
+      l.config.table,
+      l.resolvers,
+      all,
+      this.lastDesired,
+      l.config.refused,
+    ));
   }
 
   /** Timed elements adopted from the kernel at start-up, by service and set. */
@@ -642,6 +665,7 @@ export class Daemon {
         }),
         resolutions: this.names?.snapshot(now) ?? new Map(),
         learned: this.learned?.all(now) ?? new Map(),
+        refused: l.config.refused,
       });
       const live = parseLive(await this.deps.nft.listTable(l.config.table), l.config.table, now);
       return { changes: diff(live, desired), table: `inet ${l.config.table}` };
@@ -1130,14 +1154,27 @@ export class Daemon {
       for (const f of [...this.policyErrors.keys()]) if (f !== "*") this.policyErrors.delete(f);
       return;
     }
-    this.deps.log.info({ files: changed }, "policy files changed on disk");
-    if (changed.includes(store.configFile) || this.policyErrors.has("*")) {
+    this.deps.log.info(
+      { files: changed.length > 20 ? [...changed.slice(0, 20), "..."] : changed },
+      `${changed.length} policy file(s) changed on disk`,
+    );
+    // Many files at once (configuration management rolling out a fleet's policy) are one
+    // reload, one transaction, not a transaction per file.
+    if (
+      changed.includes(store.configFile) ||
+      this.policyErrors.has("*") ||
+      changed.length > MAX_FILES_ONE_BY_ONE
+    ) {
       await this.reload().catch(() => undefined); // the reason is logged and shown in status
       return;
     }
     for (const f of changed) {
       const name = store.serviceNameOf(f);
-      if (name) await this.applyService(name, "watch").catch(() => undefined);
+      if (!name) continue;
+      // A reload or egressctl may have loaded this file while the ones before were applied.
+      const now = await store.currentDigest(f).catch(() => null);
+      if (now !== null && now === (this.known.get(f) ?? "")) continue;
+      await this.applyService(name, "watch").catch(() => undefined);
     }
   }
 
@@ -1213,7 +1250,8 @@ export class Daemon {
   private schedule(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
-    if (this.stopped || !this.names) return;
+    // Not during start(): it enforces the saved state without a DNS query; begin() arms the timer.
+    if (this.stopped || !this.names || this.starting) return;
     const now = this.deps.clock();
     const candidates = [this.names.nextEvent(now), this.wakeAt].filter(
       (t): t is number => t !== null,
@@ -1408,6 +1446,61 @@ export class Daemon {
   }
 
   /**
+   * The destinations the kernel recorded as refused (in audit mode: would have refused), for
+   * every service or one: one `list set` per family, the uid of each element turned into its
+   * service, and the names the daemon knows the address by now (the answers the refresh loop
+   * holds for any policy's names, and what any service's DNS proxy learned). Most packets first.
+   * Empty when the record is off (`refused.size` 0). Learning mode builds on this.
+   */
+  async refused(service?: string): Promise<RefusedEntry[]> {
+    const l = this.enforced ?? this.loaded;
+    if (!l)
+      throw (
+        this.loadError ??
+        new EgressError("ERR_EGRESS_NOT_READY", "egressd has not loaded a policy yet", {
+          exitCode: 3,
+        })
+      );
+    if (service !== undefined && !l.services.some((s) => s.policy.name === service))
+      throw new EgressError(
+        "ERR_EGRESS_UNKNOWN_SERVICE",
+        `service "${service}" is not registered (or not loaded)`,
+        { hint: "egressctl list shows the policy on disk; egressctl apply loads it" },
+      );
+    if (l.config.refused.size <= 0) return [];
+    const raw = [];
+    for (const family of [4, 6] as const)
+      raw.push(
+        ...parseRefusedListing(await this.deps.nft.listSet(l.config.table, REFUSED_SET[family])),
+      );
+    const now = this.deps.clock();
+    const byAddress = new Map<string, Set<string>>();
+    const note = (address: string, name: string) => {
+      const set = byAddress.get(address) ?? new Set<string>();
+      set.add(name);
+      byAddress.set(address, set);
+    };
+    const wanted = new Set(raw.map((r) => r.address));
+    for (const name of this.names?.list() ?? [])
+      for (const a of this.names?.allowed(name, now) ?? []) if (wanted.has(a)) note(a, name);
+    for (const svc of l.services)
+      for (const [a, names] of this.learned?.namesOf(svc.policy.name) ?? [])
+        if (wanted.has(a)) for (const n of names) note(a, n);
+    const serviceOf = new Map(l.services.map((svc) => [svc.uid, svc.policy.name]));
+    return refusedEntries(
+      raw,
+      serviceOf,
+      (_svc, address) => [...(byAddress.get(address) ?? [])],
+      service,
+    );
+  }
+
+  /** The refused record's settings as enforced (the control op reports them with the entries). */
+  refusedConfig(): DaemonConfig["refused"] | null {
+    return (this.enforced ?? this.loaded)?.config.refused ?? null;
+  }
+
+  /**
    * What the metrics read at a scrape: the kernel's refused counters (one listing), the
    * proxies' counts, addresses per policy name and per service. Labels are services and policy
    * names only, never addresses.
@@ -1550,12 +1643,6 @@ export class Daemon {
       lookedUp,
       refuseReasons: reasons,
     };
-  }
-
-  // MERGE: replaced by the refused-destination record's Daemon.refused (branch refused).
-  refused(service?: string): Promise<(Observed & { service: string; lastSeenSeconds: number })[]> {
-    void service;
-    return Promise.resolve([]);
   }
 
   async stop(): Promise<void> {

@@ -232,6 +232,10 @@ async function daemon(g: GlobalOptions): Promise<number> {
         return d.refresh(req.service);
       case "audit":
         return d.audit(Boolean(req.repair));
+      case "refused": {
+        const entries = await d.refused(req.service);
+        return { entries, record: d.refusedConfig() };
+      }
       case "metrics":
         return { text: await metrics.text(), listen: endpoint?.listen ?? null };
       default:

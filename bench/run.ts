@@ -38,6 +38,7 @@ import {
   type Row,
 } from "./lib.ts";
 import { ENDPOINTS, FIRST_UID, naiveRuleset, services } from "./workloads.ts";
+import { validateService } from "../rules/policy.ts";
 
 const quick = process.argv.includes("--quick");
 const P = quick
@@ -141,6 +142,94 @@ async function packetPath(): Promise<void> {
   } finally {
     iperf.kill();
     await sb.destroy();
+  }
+}
+
+/**
+ * The refused-destination record's cost on the packet path: the same iperf3 UDP stream from the
+ * last of 1,000 services (100 with --quick) with `"refused": {"size": 65536}` and with
+ * `{"size": 0}` (no sets, no rules), (a) down the refuse path: the service is in audit mode and
+ * its UDP to DEST is not allowed, so every packet walks the whole refuse path, updates the record
+ * (one element: its counter and timeout) and is then let through, which keeps iperf3 sending
+ * (an enforce-mode refusal fails each send with EPERM); (b) allowed traffic, which never reaches
+ * the update. --refused-size N sizes the record (to check the rows with a small one).
+ */
+async function refusedRecord(): Promise<void> {
+  const n = quick ? 100 : 1000;
+  const sizeArg = process.argv.indexOf("--refused-size");
+  const size = sizeArg === -1 ? 65536 : Number(process.argv[sizeArg + 1]);
+  log(
+    `\n== refused-destination record: UDP packets/s, ${N(n)} services, record of ${N(size)} on vs off`,
+  );
+  const sb = await Sandbox.create({
+    addresses: [DEST],
+    listen: [{ proto: "tcp", host: DEST, port: CONN_PORT }],
+    config: { resolvers: [] },
+  });
+  const iperf = await startIperf(sb);
+  const uid = FIRST_UID + n - 1;
+  const allowed = services(n, EXTRA);
+  // The last service: audit mode, TCP to DEST (iperf3's control connection) but not UDP.
+  const last = allowed[n - 1] as (typeof allowed)[number];
+  const refusing = [
+    ...allowed.slice(0, -1),
+    validateService(
+      {
+        name: last.name,
+        user: last.user,
+        mode: "audit",
+        outbound: [
+          ...last.outbound.filter((o) => o.host !== DEST),
+          ...EXTRA.map((x) => ({ host: x.host, ports: String(x.port), protocol: "tcp" })),
+        ],
+      },
+      "bench",
+    ),
+  ];
+  const rate: Record<string, number> = {};
+  try {
+    await untrackIperf(sb);
+    for (const on of [false, true]) {
+      sb.writeConfig({ resolvers: [], refused: { size: on ? size : 0, timeoutSeconds: 3600 } });
+      for (const [path, policies] of [
+        ["refuse", refusing],
+        ["allowed", allowed],
+      ] as const) {
+        await sb.exec("nft", ["delete", "table", "inet", "egressd"]);
+        writePolicies(sb, policies);
+        await ctl(sb, "apply");
+        rate[`${path} ${on}`] = await udpRate(sb, uid);
+        if (on && path === "refuse") {
+          // Proof the packets took the refuse path: the record counted them.
+          const listed = await sb.nft("list", "set", "inet", "egressd", "refused4");
+          const m = new RegExp(`${DEST} \\. udp \\. 5201 counter packets (\\d+)`).exec(listed);
+          if (!m || Number(m[1]) < 1000)
+            throw new Error(`the record missed the stream:\n${listed}`);
+          log(`   the record counted ${N(Number(m[1]))} packets of the stream`);
+        }
+      }
+    }
+  } finally {
+    iperf.kill();
+    await sb.destroy();
+  }
+  for (const path of ["refuse", "allowed"] as const) {
+    const off = rate[`${path} false`] as number;
+    const onRate = rate[`${path} true`] as number;
+    log(
+      `   ${path === "refuse" ? "refuse path" : "allowed"}: record on ${fmt(onRate)} packets/s, off ${fmt(off)} (${fmt((onRate / off) * 100)}%)`,
+    );
+    rows.push({
+      section: "Packet path",
+      what:
+        path === "refuse"
+          ? `UDP packets/s, ${N(n)} services, refused-destination record on (${N(size)}), every packet down the refuse path (audit mode: updates the record, then let through)`
+          : `UDP packets/s, ${N(n)} services, refused-destination record on (${N(size)}), allowed traffic`,
+      value: onRate,
+      unit: "packets/s",
+      baseline: { what: 'the same with "refused": {"size": 0}', value: off },
+      ratio: onRate / off,
+    });
   }
 }
 
@@ -802,6 +891,7 @@ const dnsServicesArg = process.argv.indexOf("--dns-services");
 const dnsServices = dnsServicesArg === -1 ? undefined : Number(process.argv[dnsServicesArg + 1]);
 const sections: [string, () => Promise<void>][] = [
   ["packet", packetPath],
+  ["refused", refusedRecord],
   ["apply", apply],
   ["cli", cliSide],
   ["memory", memory],

@@ -14,6 +14,7 @@ import {
   type ServicePolicy,
 } from "../rules/policy.ts";
 import { listenerText, undeclaredListeners, type Listener } from "../rules/listeners.ts";
+import { formatRefused, type RefusedConfig, type RefusedEntry } from "../rules/refused.ts";
 import type { Sockets } from "../agent/sockets.sys.ts";
 import { formatTarget, parseTarget, TARGET_HINT, type OutboundRule } from "../rules/target.ts";
 
@@ -719,6 +720,24 @@ export async function metrics(ctx: Ctx): Promise<Result> {
   const call = await requireDaemon(ctx, "metrics");
   const r = (await call({ op: "metrics" })) as { text: string; listen: string | null };
   return { exitCode: 0, text: r.text, data: r };
+}
+
+/**
+ * The destinations the kernel recorded as refused, through the daemon (it knows which service a
+ * uid is and which names an address came from). Without a daemon: exit 3, nothing is read.
+ */
+export async function refused(ctx: Ctx, service?: string): Promise<Result> {
+  if (service) checkServiceName(service);
+  const call = await requireDaemon(ctx, "refused-destination record");
+  const r = (await call({ op: "refused", ...(service ? { service } : {}) })) as {
+    entries: RefusedEntry[];
+    record: RefusedConfig | null;
+  };
+  const off = r.record !== null && r.record.size <= 0;
+  const text = off
+    ? 'the refused-destination record is off ("refused": {"size": 0} in egressd.json)'
+    : formatRefused(r.entries, service);
+  return { exitCode: 0, text: `${text}\n`, data: r };
 }
 
 export async function refresh(ctx: Ctx, service?: string): Promise<Result> {

@@ -123,9 +123,14 @@ export function program(
 
   prog
     .command("allow")
-    .description("allow outbound connections: HOST:PORT[/PROTO] or HOST:LOW-HIGH[/PROTO]")
+    .description(
+      "allow outbound connections: HOST:PORT[/PROTO] or HOST:LOW-HIGH[/PROTO]; HOST may be *.DOMAIN for a DNS-aware service",
+    )
     .argument("<service>")
-    .argument("<target...>", "e.g. api.example.com:443, 10.0.0.0/8:5432, [2001:db8::1]:53/udp")
+    .argument(
+      "<target...>",
+      "e.g. api.example.com:443, *.cdn.example.com:443, 10.0.0.0/8:5432, [2001:db8::1]:53/udp",
+    )
     .action(function (this: Command, service: string, targets: string[]) {
       go(this, async (ctx) => (await cmd()).allow(ctx, service, targets));
     });
@@ -199,11 +204,21 @@ export function program(
   prog
     .command("status")
     .description(
-      "live state from egressd: resolved addresses and expiry, refreshes, refused packets",
+      "live state from egressd: resolved addresses and expiry, refreshes, refused packets, and each service's DNS mode, proxy port, queries allowed and refused, last refused names",
     )
     .argument("[service]")
     .action(function (this: Command, service?: string) {
       go(this, async (ctx) => (await cmd()).status(ctx, service));
+    });
+
+  prog
+    .command("refused")
+    .description(
+      "destinations the kernel refused (or, in audit mode, would have), by service: packets, last seen, the name each address came from",
+    )
+    .argument("[service]")
+    .action(function (this: Command, service?: string) {
+      go(this, async (ctx) => (await cmd()).refused(ctx, service));
     });
 
   prog

@@ -38,6 +38,12 @@ export function addSetCommand(
   };
   if (s.map) obj.map = s.map;
   if (s.flags?.length) obj.flags = s.flags;
+  if (s.dynamic) {
+    obj.size = s.dynamic.size;
+    obj.timeout = s.dynamic.timeoutSeconds;
+    obj.stmt = [{ counter: null }];
+    return { add: { set: obj } };
+  }
   const elem = elementsAt(s, now);
   if (elem.length) obj.elem = elem;
   return { add: { [s.map ? "map" : "set"]: obj } };

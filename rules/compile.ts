@@ -9,7 +9,8 @@
  *                               meta skuid vmap @uid_dispatch, meta skgid vmap @gid_dispatch
  *   chain dns_redirect (nat):   port 53 of DNS-aware services to their proxy port
  *   chain s_<svc>:              resolvers (system DNS), literal sets, one address set per
- *                               port of its names, counter, log, reject.
+ *                               port of its names, the refused record (rules/refused.ts),
+ *                               counter, log, reject.
  * The base chains hold the same rules whatever the number of services.
  */
 import { compareAddresses } from "./address-filter.ts";
@@ -32,6 +33,7 @@ import {
   sourceRule,
   UID_SERVE,
 } from "./inbound.ts";
+import { recordRules, refusedSets, REFUSED_OFF, type RefusedConfig } from "./refused.ts";
 import { stableKey, type ChainDef, type Expr, type Ruleset, type SetDef } from "./ruleset.ts";
 import {
   parseHost,
@@ -48,6 +50,8 @@ export interface ServiceInput {
   gid?: number;
   /** The loopback port of its DNS proxy (DNS-aware services whose proxy is listening). */
   proxyPort?: number;
+  /** Its refuse path records destinations in the refused sets (the table must have them). */
+  record?: boolean;
 }
 
 /** Addresses a service learned through its own DNS queries: name -> address -> expiry (epoch ms). */
@@ -69,6 +73,8 @@ export interface CompileInput {
   learned?: ReadonlyMap<string, Learned>;
   /** Timed elements kept by set name (found in the kernel, not explained by a name), per service. */
   adopted?: ReadonlyMap<string, ReadonlyMap<string, ReadonlyMap<string, number>>>;
+  /** The refused-destination record; absent or size 0: none (no sets, no rules). */
+  refused?: RefusedConfig;
 }
 
 export const BASE_CHAIN = "output";
@@ -338,6 +344,7 @@ function serviceChain(
   sets.push(...byName.sets);
   rules.push(...byName.rules);
   const obj = serviceObject(policy.name);
+  if (svc.record) rules.push(...recordRules(svc.uid));
   rules.push(...refusal(obj, `egressd ${verb(policy)} ${policy.name}: `, policy.mode, "reject"));
   return { chain: { name: obj, rules }, sets };
 }
@@ -636,7 +643,12 @@ const INPUT: ChainDef = deepFreeze({
 /** What each assembled table was assembled from (to reuse its shared sets next time). */
 const assembledFrom = new WeakMap<
   Ruleset,
-  { parts: readonly ServiceParts[]; resolvers: readonly ResolverAddr[]; shared: number }
+  {
+    parts: readonly ServiceParts[];
+    resolvers: readonly ResolverAddr[];
+    refused: RefusedConfig;
+    shared: number;
+  }
 >();
 const OWN_FIELDS = new Set(["name", "chains", "sets", "counters"]);
 /** A part's share of the shared sets (its dispatch and proxy entries), as one string. */
@@ -673,6 +685,7 @@ export function assemble(
   resolvers: readonly ResolverAddr[],
   parts: readonly ServiceParts[],
   previous?: Ruleset | null,
+  refused: RefusedConfig = REFUSED_OFF,
 ): Ruleset {
   const sorted = [...parts].sort((a, b) => a.name.localeCompare(b.name));
   const from = previous ? assembledFrom.get(previous) : undefined;
@@ -680,10 +693,12 @@ export function assemble(
     previous?.table === table &&
     from !== undefined &&
     from.resolvers === resolvers &&
+    from.refused.size === refused.size &&
+    from.refused.timeoutSeconds === refused.timeoutSeconds &&
     sameShares(sorted, from.parts);
   const sets: SetDef[] = reuse
     ? previous.sets.slice(0, from.shared)
-    : sharedSets(resolvers, sorted);
+    : [...sharedSets(resolvers, sorted), ...refusedSets(refused)];
   const shared = sets.length;
   for (const p of sorted) sets.push(...p.sets);
   const r: Ruleset = {
@@ -693,7 +708,7 @@ export function assemble(
     sets,
     chains: [OUTPUT, INPUT, REDIRECT, ...sorted.flatMap((p) => p.chains)],
   };
-  assembledFrom.set(r, { parts: sorted, resolvers, shared });
+  assembledFrom.set(r, { parts: sorted, resolvers, refused, shared });
   return r;
 }
 
@@ -747,16 +762,20 @@ function sharedSets(resolvers: readonly ResolverAddr[], sorted: readonly Service
 export function compile(input: CompileInput): Ruleset {
   checkDistinctOwners(input.services);
   checkInboundOverlap(input.services.map((s) => s.policy));
+  const refused = input.refused ?? REFUSED_OFF;
+  const record = refused.size > 0;
   return assemble(
     input.table,
     input.resolvers,
     input.services.map((svc) =>
       compileService(
-        svc,
+        (svc.record ?? false) === record ? svc : { ...svc, record },
         input.resolutions,
         input.learned?.get(svc.policy.name),
         input.adopted?.get(svc.policy.name),
       ),
     ),
+    null,
+    refused,
   );
 }

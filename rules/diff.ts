@@ -80,7 +80,8 @@ function minus<T>(a: readonly T[], b: readonly T[], key: (x: T) => string): T[] 
 function setShape(s: SetDef): string {
   return (
     `type ${Array.isArray(s.type) ? s.type.join(" . ") : s.type}${s.map ? ` : ${s.map}` : ""}` +
-    (s.flags?.length ? `; flags ${[...s.flags].sort().join(",")}` : "")
+    (s.flags?.length ? `; flags ${[...s.flags].sort().join(",")}` : "") +
+    (s.dynamic ? `; size ${s.dynamic.size}; timeout ${s.dynamic.timeoutSeconds}s` : "")
   );
 }
 
@@ -110,6 +111,8 @@ function diffRules(object: string, live: ChainDef, want: ChainDef, out: Finding[
 }
 
 function diffElements(object: string, live: SetDef, want: SetDef, out: Finding[]): void {
+  // The refused record: the kernel writes its elements, so they are never drift.
+  if (want.dynamic || live.dynamic) return;
   for (const e of minus(want.elem, live.elem, stableKey))
     out.push({ kind: "element-missing", object, expected: elemText(e) });
   for (const e of minus(live.elem, want.elem, stableKey))
@@ -205,7 +208,7 @@ function differences(live: Ruleset | null, desired: Ruleset): Finding[] {
     const got = liveSets.get(want.name);
     if (!got) {
       out.push({ kind: "set-missing", object, expected: setShape(want) });
-      for (const e of want.elem)
+      for (const e of want.dynamic ? [] : want.elem)
         out.push({ kind: "element-missing", object, expected: elemText(e) });
       continue;
     }
@@ -221,7 +224,7 @@ function differences(live: Ruleset | null, desired: Ruleset): Finding[] {
       object: `${got.map ? "map" : "set"} ${got.name}`,
       found: setShape(got),
     });
-    for (const e of got.elem)
+    for (const e of got.dynamic ? [] : got.elem)
       out.push({
         kind: "element-extra",
         object: `${got.map ? "map" : "set"} ${got.name}`,

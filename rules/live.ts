@@ -67,7 +67,18 @@ export function parseLive(listing: unknown, table: string, now = 0): Ruleset | n
           ...elements(Array.isArray(o.elem) ? (o.elem as unknown[]) : [], now),
         };
         if (kind === "map") s.map = o.map as SetDef["map"];
-        if (Array.isArray(o.flags) && o.flags.length) s.flags = [...(o.flags as string[])].sort();
+        // "dynamic" (a set rules update) is implied by the rules; nft 1.0.6 does not list it, later ones may.
+        const flags = Array.isArray(o.flags)
+          ? (o.flags as string[]).filter((f) => f !== "dynamic")
+          : [];
+        if (flags.length) s.flags = flags.sort();
+        // A set the packet path writes (a size limit and a default timeout: the refused record):
+        // its elements are the kernel's, not part of what egressd applies.
+        if (typeof o.size === "number" && typeof o.timeout === "number") {
+          s.dynamic = { size: o.size, timeoutSeconds: o.timeout };
+          s.elem = [];
+          delete s.expires;
+        }
         ruleset.sets.push(s);
         break;
       }

@@ -184,6 +184,16 @@ export const NFT_BATCH_SCHEMA = {
         type: { $ref: "#/$defs/setType" },
         flags: { type: "array", items: { enum: ["interval", "timeout"] }, uniqueItems: true },
         elem: { type: "array", items: { $ref: "#/$defs/setElem" } },
+        // A set the packet path writes (the refused record): size limit, default timeout (s),
+        // a counter on each element.
+        size: { type: "integer", minimum: 1, maximum: 16777216 },
+        timeout: { type: "integer", minimum: 1, maximum: 4294967 },
+        stmt: {
+          type: "array",
+          prefixItems: [obj({ counter: { type: "null" } })],
+          items: false,
+          minItems: 1,
+        },
       },
       ["family", "table", "name", "type"],
     ),
@@ -292,6 +302,26 @@ export const NFT_BATCH_SCHEMA = {
           ),
         }),
         obj({ reject: obj({ type: { const: "tcp reset" } }) }),
+        // `update @refused4 { <uid> . ip daddr . meta l4proto . th dport }` (the refused record)
+        obj({
+          set: obj({
+            op: { const: "update" },
+            elem: obj({
+              concat: {
+                type: "array",
+                prefixItems: [
+                  { $ref: "#/$defs/id" },
+                  { $ref: "#/$defs/payload" },
+                  { $ref: "#/$defs/meta" },
+                  { $ref: "#/$defs/payload" },
+                ],
+                items: false,
+                minItems: 4,
+              },
+            }),
+            set: { type: "string", pattern: "^@[A-Za-z_][A-Za-z0-9_]{0,62}$" },
+          }),
+        }),
         obj({
           reject: obj({
             type: { const: "icmpx" },

@@ -2,6 +2,7 @@
 import { validate as validateCron } from "node-cron";
 import { invalid, type Problem } from "./errors.ts";
 import { parseNet } from "./addresses.ts";
+import { REFUSED_DEFAULT, type RefusedConfig } from "./refused.ts";
 
 import { ajvProblems } from "./schema-errors.ts";
 import { validator } from "./validators.ts";
@@ -66,6 +67,8 @@ export interface DaemonConfig {
   audit: { schedule: string; repair: boolean };
   /** The Prometheus endpoint: "unix:PATH" or "HOST:PORT" ("[::1]:9100"); absent: no listener. */
   metrics: { listen?: string };
+  /** The refused-destination record (rules/refused.ts): size 0 turns it off. */
+  refused: RefusedConfig;
   log: { level: "fatal" | "error" | "warn" | "info" | "debug" | "trace" };
 }
 
@@ -81,6 +84,7 @@ export const DEFAULT_CONFIG: DaemonConfig = {
   dns: { queryTimeoutMs: 2000, unlistedNames: "nxdomain", proxyPortRange: "20000-32767" },
   audit: { schedule: "*/5 * * * *", repair: true },
   metrics: {},
+  refused: { ...REFUSED_DEFAULT },
   log: { level: "info" },
 };
 
@@ -209,6 +213,26 @@ export const CONFIG_SCHEMA = {
           minLength: 1,
           description:
             'must be "unix:PATH" or "HOST:PORT", e.g. "unix:/run/egressd/metrics.sock" or "127.0.0.1:9100"',
+        },
+      },
+    },
+    refused: {
+      type: "object",
+      additionalProperties: false,
+      description:
+        "the refused-destination record: at most `size` destinations per address family (0: off), each kept `timeoutSeconds` after its last refused packet",
+      properties: {
+        size: {
+          type: "integer",
+          minimum: 0,
+          maximum: 1048576,
+          description: "must be a whole number from 0 (off) to 1048576, e.g. 65536",
+        },
+        timeoutSeconds: {
+          type: "integer",
+          minimum: 1,
+          maximum: 604800,
+          description: "must be a whole number of seconds from 1 to 604800 (a week), e.g. 3600",
         },
       },
     },
@@ -401,6 +425,7 @@ export function validateConfig(raw: unknown, file: string): DaemonConfig {
     dns?: Partial<DaemonConfig["dns"]>;
     audit?: Partial<DaemonConfig["audit"]>;
     metrics?: Partial<DaemonConfig["metrics"]>;
+    refused?: Partial<DaemonConfig["refused"]>;
     log?: Partial<DaemonConfig["log"]>;
   };
   const config: DaemonConfig = {
@@ -410,6 +435,7 @@ export function validateConfig(raw: unknown, file: string): DaemonConfig {
     dns: { ...DEFAULT_CONFIG.dns, ...doc.dns },
     audit: { ...DEFAULT_CONFIG.audit, ...doc.audit },
     metrics: { ...DEFAULT_CONFIG.metrics, ...doc.metrics },
+    refused: { ...DEFAULT_CONFIG.refused, ...doc.refused },
     log: { ...DEFAULT_CONFIG.log, ...doc.log },
   };
   if (typeof config.metrics.listen === "string" && config.metrics.listen !== "") {

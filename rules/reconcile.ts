@@ -8,6 +8,10 @@
  * Counters, sets and chains of everything else are left alone. When there is nothing to start
  * from (or a base chain itself changed), the whole table is replaced in one transaction.
  *
+ * Sets the packet path writes (`dynamic`: the refused-destination record) are created and
+ * re-created with their definition, but their elements are the kernel's: no transaction but a
+ * whole-table replace (or a change of the set's own size or timeout) touches them.
+ *
  * Elements with a timeout (addresses a DNS proxy learned) follow the rules that work on every
  * kernel: an element is never deleted when it may have expired by the time the transaction
  * runs (a delete of a missing element aborts the whole batch); a lifetime is extended by
@@ -50,7 +54,12 @@ export interface Reconciled {
 }
 
 function setShape(s: SetDef): string {
-  return stableKey({ type: s.type, map: s.map, flags: [...(s.flags ?? [])].sort() });
+  return stableKey({
+    type: s.type,
+    map: s.map,
+    flags: [...(s.flags ?? [])].sort(),
+    dynamic: s.dynamic,
+  });
 }
 
 function baseShape(c: ChainDef): string {
@@ -253,6 +262,8 @@ export function reconcile(
   for (const want of desired.sets) {
     const have = haveSets.get(want.name);
     if (!have || recreate.has(want.name)) continue;
+    // The kernel writes these elements (the refused record): never add, delete or flush them.
+    if (want.dynamic) continue;
     const p = elementPlan(have, want, o);
     if (p.after !== want) afterSets.push(p.after);
     if (p.wakeAt !== null) wakeAt = wakeAt === null ? p.wakeAt : Math.min(wakeAt, p.wakeAt);

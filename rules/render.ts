@@ -66,6 +66,8 @@ function stmtText(s: Expr): string {
       return `reject${val.type ? ` with ${String(val.type)}${val.expr ? ` ${String(val.expr)}` : ""}` : ""}`;
     case "vmap":
       return `${exprText(val.key)} vmap ${String(val.data)}`;
+    case "set":
+      return `${String(val.op)} ${String(val.set)} { ${exprText(val.elem)} }`;
     case "redirect": {
       const m = (val.port as { map?: { key: unknown; data: unknown } } | undefined)?.map;
       return m ? `redirect to :${exprText(m.key)} map ${String(m.data)}` : "redirect";

@@ -1,5 +1,7 @@
 /** The model of egressd's nftables table: what the compiler produces and what a listing is parsed into. */
 
+import { createHash } from "node:crypto";
+
 /** One libnftables JSON expression (shape checked by the nft schema, not by TypeScript). */
 export type Expr = Record<string, unknown>;
 
@@ -17,6 +19,13 @@ export interface SetDef {
    * the "timeout" flag. Elements not listed are permanent.
    */
   expires?: Record<string, number>;
+  /**
+   * A set the packet path writes (`update @set { ... }`, the refused-destination record): at
+   * most `size` elements, each with a packet and byte counter and a lifetime of
+   * `timeoutSeconds`. Its elements belong to the kernel: reconcile never adds, deletes or
+   * flushes them and the audit does not compare them (`elem` is always empty here).
+   */
+  dynamic?: { size: number; timeoutSeconds: number };
 }
 
 export interface BaseChain {
@@ -38,6 +47,31 @@ export interface Ruleset {
   counters: string[];
   sets: SetDef[];
   chains: ChainDef[];
+}
+
+/** Each set's and chain's own digest, by object: parts a change did not touch are the same objects. */
+const partDigests = new WeakMap<object, string>();
+
+function partDigest(o: object): string {
+  let d = partDigests.get(o);
+  if (d === undefined) {
+    d = createHash("sha256").update(JSON.stringify(o)).digest("hex");
+    partDigests.set(o, d);
+  }
+  return d;
+}
+
+/**
+ * A digest of a whole table (status and the state file show it): sha256 over its counters and
+ * each set's and chain's own digest, in order. Sets and chains are never changed once built (a
+ * change builds new objects), so each part is hashed once: a one-service change hashes that
+ * service's parts, not the 1,000 others (13 ms of every `allow` at 1,000 services before).
+ */
+export function tableDigest(r: Ruleset): string {
+  const h = createHash("sha256").update(`${r.family} ${r.table}\n${r.counters.join(",")}\n`);
+  for (const s of r.sets) h.update(partDigest(s));
+  for (const c of r.chains) h.update(partDigest(c));
+  return h.digest("hex");
 }
 
 /** Stable JSON (sorted keys) used as the identity of rules and elements when comparing. */

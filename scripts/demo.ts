@@ -220,8 +220,16 @@ async function main(): Promise<void> {
           .join("\n"),
       ),
     );
-    say("What egressd refused, per destination: the kernel's own record, with the names behind it");
-    await ctl(sb, "refused");
+
+    say(
+      "Where svc-demo tried to go and was refused, as the kernel recorded it (no log parsing): by packets, with the name an address came from",
+    );
+    await ctl(sb, "refused", "svc-demo");
+    const refused = JSON.parse((await sb.egressctl("--json", "refused", "svc-demo")).stdout) as {
+      entries: { address: string; port: number }[];
+    };
+    if (!refused.entries.some((e) => e.address === ELSEWHERE && e.port === 443))
+      throw new Error(`demo expectation failed: ${ELSEWHERE}:443 not in egressctl refused`);
   } finally {
     say("Cleaning up: stopping egressd and deleting the namespaces");
     await daemon?.stop();

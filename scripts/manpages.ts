@@ -1,15 +1,16 @@
 /**
  * Generates the man pages egressctl(8) and egressd(8) and the bash and zsh completions from
- * the same commander programs that print --help, so they cannot disagree.
+ * the same commander programs that print --help, so they cannot disagree. The texts come from
+ * renderManpages() (a unit test reads them); running the file writes them.
  * Usage: node --import tsx scripts/manpages.ts OUTDIR
  */
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import type { Command, Option } from "commander";
 import { egressdProgram } from "../agent/egressd-program.ts";
 import { program as egressctlProgram } from "../cli/program.ts";
 
-const out = process.argv[2] ?? "dist/share";
 const pkg = JSON.parse(readFileSync(new URL("../package.json", import.meta.url), "utf8")) as {
   version: string;
 };
@@ -76,7 +77,7 @@ const COMMON_TAIL = (prog: string) => [
   ".BR nft (8), ",
   ".BR systemd.exec (5)",
   "",
-  "The documentation in /usr/share/doc/egressd describes the policy format, the ruleset, inbound allowances, the audit and the daemon.",
+  "The documentation in /usr/share/doc/egressd describes the policy format, the ruleset, inbound allowances, the DNS modes (dns.md), the audit and the daemon.",
 ];
 
 /** Which layer enforces what, for egressctl systemd's drop-ins (docs/systemd.md has the detail). */
@@ -106,6 +107,39 @@ const LAYERS = [
   ),
 ];
 
+/** egressd(8)'s account of the DNS-aware mode (docs/dns.md has the detail). */
+const DNS_PROXY = [
+  ".SH DNS PROXY",
+  roff(
+    'A service in the DNS-aware mode ("dns": "proxy", the default of egressctl register) has its own DNS lookups answered by egressd, which answers only names the service may reach and returns an answer only once the kernel allows its addresses.',
+  ),
+  ".TP",
+  ".B Ports",
+  roff(
+    "Each DNS-aware service gets its own port from dns.proxyPortRange in egressd.json (default 20000-32767), on which egressd serves DNS over UDP and TCP on 127.0.0.1 and ::1. A service keeps its port across restarts (state.json records it); a port another program holds moves the service to the next free one.",
+  ),
+  ".TP",
+  ".B Redirect per uid",
+  roff(
+    "A type nat hook output chain in egressd's table redirects every UDP and TCP packet to port 53 that the service's uid (or gid) sends, to any address, IPv4 or IPv6, to that service's port: meta l4proto { tcp, udp } th dport 53 redirect to :meta skuid map @uid2port. The reply comes back from the address the client asked, so ordinary resolvers accept it. The port tells egressd who asked. A redirected packet is accepted only to the sender's own port; a packet sent straight to any proxy port, and a port-53 packet of a DNS-aware service that escaped the redirect, are refused.",
+  ),
+  ".TP",
+  ".B Answers",
+  roff(
+    `A name on the service's allowlist (exact, or below a *.DOMAIN wildcard) is forwarded to the configured resolvers; the answer's addresses pass the address filter and go into the service's sets in one nft transaction, with a kernel timeout of the answer's TTL (clamped to refresh.minTtlSeconds..maxTtlSeconds) plus refresh.graceSeconds, before the answer is returned. If that transaction fails the client gets SERVFAIL. Any other name is answered NXDOMAIN (REFUSED with dns.unlistedNames "refused"), never forwarded, and counted and logged with the name; a service in audit mode has it forwarded and logged as "would refuse". egressctl status shows, per service, the mode, the proxy port, queries allowed, refused and failed, and the last refused names.`,
+  ),
+  ".TP",
+  ".B Conntrack",
+  roff(
+    "NAT is decided on a flow's first packet, so a UDP flow to port 53 opened before a service's redirect existed would keep reaching the resolver. When a uid gains a redirect, egressd deletes the host's UDP conntrack entries to port 53 (conntrack -D -p udp --orig-port-dst 53; the conntrack package, conntrack-tools on rpm systems). Without the tool it logs ERR_EGRESS_CONNTRACK and such flows keep going to the resolver until they idle out.",
+  ),
+  ".TP",
+  ".B When egressd is not running",
+  roff(
+    "The redirect stays in the kernel and nothing answers on the ports: a DNS-aware service's new lookups fail (fail-closed). Addresses already in its sets keep working until their timeouts. A restart reuses the same ports and keeps what the kernel still holds.",
+  ),
+];
+
 function ctlPage(): string {
   const lines = [
     `.TH EGRESSCTL 8 "${date}" "egressd ${pkg.version}" "System Administration"`,
@@ -116,7 +150,14 @@ function ctlPage(): string {
     "[\\fIoptions\\fR] \\fIcommand\\fR [\\fIarguments\\fR]",
     ".SH DESCRIPTION",
     roff(ctl.description()),
-    "Targets are HOST:PORT[/PROTO] or HOST:LOW\\-HIGH[/PROTO], where HOST is a domain name, an IPv4 address, a bracketed IPv6 address ([2001:db8::1]:443) or a CIDR (10.0.0.0/8:5432, [2001:db8::/32]:443), and PROTO is tcp (the default) or udp.",
+    ".PP",
+    roff(
+      "Targets are HOST:PORT[/PROTO] or HOST:LOW-HIGH[/PROTO], where HOST is a domain name, a wildcard *.DOMAIN, an IPv4 address, a bracketed IPv6 address ([2001:db8::1]:443) or a CIDR (10.0.0.0/8:5432, [2001:db8::/32]:443), and PROTO is tcp (the default) or udp.",
+    ),
+    ".PP",
+    roff(
+      'A wildcard (*.cdn.example.com:443) allows every name below the domain, at any depth (a.cdn.example.com, a.b.cdn.example.com), and not the domain itself. Wildcards are valid only for services in the DNS-aware mode ("dns": "proxy", the default of register), whose lookups egressd answers: it adds the addresses of a name it allowed to the service\'s sets before the service gets the answer. A service in system or none mode cannot have one (exit 2; the hint names register --dns proxy).',
+    ),
     ".SH OPTIONS",
     ...optionItems(visible(ctl)),
     ".SH COMMANDS",
@@ -134,6 +175,7 @@ function ctlPage(): string {
     "egressctl allow svc\\-web api.example.com:443 10.0.0.0/8:5432",
     "egressctl allow\\-in svc\\-web 8080 \\-\\-from 192.0.2.0/24",
     "egressctl status svc\\-web",
+    "egressctl refused svc\\-web    # what it tried and was refused, by packets",
     "egressctl audit \\-\\-repair",
     "egressctl systemd svc\\-web \\-\\-unit web.service \\-\\-harden \\-\\-write",
     "egressctl check && systemctl reload egressd    # after configuration management wrote services.d/",
@@ -157,6 +199,7 @@ function daemonPage(): string {
       "At start-up it applies the last-known resolutions before any DNS query. SIGHUP reloads the configuration and policies; SIGTERM exits and leaves the ruleset in the kernel.",
       ".SH OPTIONS",
       ...optionItems(visible(daemon)),
+      ...DNS_PROXY,
       ...COMMON_TAIL("egressd"),
     ].join("\n") + "\n"
   );
@@ -228,10 +271,20 @@ _egressctl "$@"
 `;
 }
 
-mkdirSync(join(out, "man"), { recursive: true });
-mkdirSync(join(out, "completion"), { recursive: true });
-writeFileSync(join(out, "man", "egressctl.8"), ctlPage());
-writeFileSync(join(out, "man", "egressd.8"), daemonPage());
-writeFileSync(join(out, "completion", "egressctl.bash"), bash());
-writeFileSync(join(out, "completion", "_egressctl"), zsh());
-console.log(`wrote man pages and completions under ${out}`);
+/** The generated files, by path below the output directory. */
+export function renderManpages(): Record<string, string> {
+  return {
+    "man/egressctl.8": ctlPage(),
+    "man/egressd.8": daemonPage(),
+    "completion/egressctl.bash": bash(),
+    "completion/_egressctl": zsh(),
+  };
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+  const out = process.argv[2] ?? "dist/share";
+  mkdirSync(join(out, "man"), { recursive: true });
+  mkdirSync(join(out, "completion"), { recursive: true });
+  for (const [name, text] of Object.entries(renderManpages())) writeFileSync(join(out, name), text);
+  console.log(`wrote man pages and completions under ${out}`);
+}

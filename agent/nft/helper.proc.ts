@@ -19,7 +19,7 @@ import type { Counters, Nft, NftBackend } from "./nft.ts";
 
 export const HELPER_FLAG = "--nft-helper";
 
-type Op = "apply" | "check" | "listTable" | "listCounters" | "describe";
+type Op = "apply" | "check" | "listTable" | "listSet" | "listCounters" | "describe";
 interface RequestMsg {
   id: number;
   op: Op;
@@ -46,6 +46,10 @@ export function serveNftHelper(): void {
           return nft.check(m.arg as Batch);
         case "listTable":
           return nft.listTable(m.arg as string);
+        case "listSet": {
+          const [table, set] = m.arg as [string, string];
+          return nft.listSet(table, set);
+        }
         case "listCounters":
           return [...(await nft.listCounters(m.arg as string))];
         case "describe":
@@ -164,6 +168,7 @@ export function helperNft(entry: string = process.argv[1] ?? ""): Nft & { close(
     },
     check: (batch) => call<void>("check", batch).then(() => undefined),
     listTable: (table) => call<unknown>("listTable", table),
+    listSet: (table, set) => call<unknown>("listSet", [table, set]),
     listCounters: async (table) =>
       new Map(
         await call<[string, { packets: number; bytes: number }][]>("listCounters", table),

@@ -18,6 +18,7 @@ function program(bin: string, detail: string): Nft {
     apply: async (batch) => (await get()).apply(batch),
     check: async (batch) => (await get()).check(batch),
     listTable: async (table) => (await get()).listTable(table),
+    listSet: async (table, set) => (await get()).listSet(table, set),
     listCounters: async (table) => (await get()).listCounters(table),
   };
 }
@@ -54,6 +55,7 @@ export function defaultNft(): Nft {
     apply: (batch) => get().apply(batch),
     check: (batch) => get().check(batch),
     listTable: (table) => get().listTable(table),
+    listSet: (table, set) => get().listSet(table, set),
     listCounters: (table) => get().listCounters(table),
   };
 }

@@ -162,6 +162,15 @@ export function libnftables(library: string = libraryName()): Libnftables {
         throw err;
       }
     },
+    async listSet(table, set) {
+      const text = `list set inet ${table} ${set}`;
+      try {
+        return JSON.parse(await cmd(text, text)) as unknown;
+      } catch (err) {
+        if (noSuchTable(err)) return null;
+        throw err;
+      }
+    },
     async listCounters(table) {
       const text = `list counters table inet ${table}`;
       try {

@@ -81,6 +81,14 @@ export function execNft(bin: string = nftBinary(), detail = `nft program (${bin}
         throw err;
       }
     },
+    async listSet(table, set) {
+      try {
+        return JSON.parse(await run(bin, ["-j", "list", "set", "inet", table, set])) as unknown;
+      } catch (err) {
+        if (noSuchTable(err)) return null;
+        throw err;
+      }
+    },
     async listCounters(table) {
       try {
         return parseCounters(await run(bin, ["-j", "list", "counters", "table", "inet", table]));

@@ -12,6 +12,8 @@ export interface Nft {
   check(batch: Batch): Promise<void>;
   /** `nft -j list table inet <table>`, or null when the table does not exist. */
   listTable(table: string): Promise<unknown | null>;
+  /** `nft -j list set inet <table> <set>`, or null when the table or the set does not exist. */
+  listSet(table: string, set: string): Promise<unknown | null>;
   /** Named counters of the table (packets, bytes); empty when the table does not exist. */
   listCounters(table: string): Promise<Map<string, { packets: number; bytes: number }>>;
   /** The path in use; reading it may load libnftables (once). */

@@ -456,8 +456,8 @@ test("when nft cannot run, apply exits 3 and says what to install", async () => 
   assert.match(r.stderr, "install nftables");
 });
 
-test("status and refresh need the daemon: without one they exit 3 and say so", async () => {
-  for (const c of ["status", "refresh"]) {
+test("status, refresh and refused need the daemon: without one they exit 3 and say so", async () => {
+  for (const c of ["status", "refresh", "refused"]) {
     const r = await run(c);
     assert.is(r.exitCode, 3, r.stderr);
     assert.match(r.stderr, "egressd is not running");

@@ -26,6 +26,7 @@ const nft: Nft = {
   apply: () => Promise.reject(new Error("no nft in CLI tests")),
   check: () => Promise.reject(new Error("no nft in CLI tests")),
   listTable: () => Promise.reject(new Error("no nft in CLI tests")),
+  listSet: () => Promise.reject(new Error("no nft in CLI tests")),
   listCounters: () => Promise.reject(new Error("no nft in CLI tests")),
 };
 

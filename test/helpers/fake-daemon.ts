@@ -36,6 +36,13 @@ export function listing(r: Ruleset, now: number): unknown {
         type: s.type,
         ...(s.map ? { map: s.map } : {}),
         ...(s.flags?.length ? { flags: s.flags } : {}),
+        ...(s.dynamic
+          ? {
+              size: s.dynamic.size,
+              timeout: s.dynamic.timeoutSeconds,
+              stmt: [{ counter: null }],
+            }
+          : {}),
         ...(elem.length ? { elem } : {}),
       },
     });
@@ -82,6 +89,15 @@ export class FakeNft implements Nft {
   async check(): Promise<void> {}
   async listTable(): Promise<unknown> {
     return this.live;
+  }
+  /** What `listSet` answers, by set name (else the set as `live` has it, or null). */
+  setListings = new Map<string, unknown>();
+  async listSet(_table: string, set: string): Promise<unknown> {
+    if (this.setListings.has(set)) return this.setListings.get(set);
+    const items = (
+      (this.live as { nftables?: Record<string, { name?: string }>[] } | null)?.nftables ?? []
+    ).filter((o) => o.set?.name === set);
+    return items.length ? { nftables: items } : null;
   }
   async listCounters(): Promise<Map<string, { packets: number; bytes: number }>> {
     return new Map();

@@ -20,13 +20,21 @@ const POD_UID = 2170;
 const OTHER_UID = 2171;
 const ALLOWED = "198.51.100.10";
 const REFUSED = "198.51.100.20";
+/** Below a wildcard: only egressd's proxy can allow it (the refresh loop knows exact names only). */
+const CDN = "198.51.100.30";
+/** Listed nowhere: the resolver knows it, a DNS-aware service must not. */
+const EVIL = "198.51.100.40";
 /** Where the container sends DNS; pasta forwards it to the host's resolver (127.0.0.1 here). */
 const PASTA_DNS = "10.0.2.3";
 
 const WORLD = {
-  addresses: [ALLOWED, REFUSED],
-  listen: [ALLOWED, REFUSED].map((host) => ({ proto: "tcp" as const, host, port: 443 })),
-  records: { "api.example.test": { A: [ALLOWED], ttl: 60 } },
+  addresses: [ALLOWED, REFUSED, CDN, EVIL],
+  listen: [ALLOWED, REFUSED, CDN, EVIL].map((host) => ({ proto: "tcp" as const, host, port: 443 })),
+  records: {
+    "api.example.test": { A: [ALLOWED], ttl: 60 },
+    "a.cdn.example.test": { A: [CDN], ttl: 60 },
+    "evil.example.test": { A: [EVIL], ttl: 60 },
+  },
   config: { resolvers: ["127.0.0.1:53"] },
 };
 
@@ -134,6 +142,51 @@ test("pasta as the service's uid: the allowed name resolves and connects, anothe
   });
 });
 
+test("pasta as the service's uid in DNS-aware mode: the forwarder's queries go to egressd's proxy, which answers allowed names (wildcards too) and NXDOMAIN for others", async () => {
+  await withSandbox(WORLD, async (sb) => {
+    // The default mode ("dns": "proxy"), with the daemon running: its proxy answers.
+    await ok(sb, "register", "svc-pod", "--user", String(POD_UID));
+    await ok(sb, "allow", "svc-pod", "api.example.test:443", "*.cdn.example.test:443");
+    await sb.startDaemon();
+    const st = JSON.parse(await ok(sb, "--json", "status", "svc-pod")) as {
+      services: { dns: { mode: string; queriesAllowed: number; queriesRefused: number } }[];
+    };
+    assert.is(st.services[0]?.dns.mode, "proxy");
+    const r = await inPasta(sb, POD_UID, [
+      // Through the container's resolv.conf (getaddrinfo) to pasta's forwarder.
+      { proto: "lookup", host: "", port: 0, name: "a.cdn.example.test" },
+      { proto: "tcp", host: "a.cdn.example.test", port: 443 },
+      { proto: "tcp", host: "api.example.test", port: 443 },
+      // The rcode the container gets for a name the service may not look up.
+      { proto: "resolve", host: PASTA_DNS, port: 53, name: "evil.example.test" },
+      { proto: "lookup", host: "", port: 0, name: "evil.example.test" },
+    ]);
+    assert.equal(
+      r.map((x) => x.result),
+      [`answer:${CDN}`, "connected", "connected", "NXDOMAIN:", "ENOTFOUND"],
+      JSON.stringify(r),
+    );
+    // The proxy answered them: a.cdn's address is in the service's set only because the
+    // proxy put it there before answering; evil was counted as refused and never left.
+    const after = JSON.parse(await ok(sb, "--json", "status", "svc-pod")) as typeof st;
+    const dns = after.services[0]?.dns;
+    assert.ok(
+      dns && dns.queriesAllowed > (st.services[0]?.dns.queriesAllowed ?? 0),
+      JSON.stringify(dns),
+    );
+    assert.ok(dns && dns.queriesRefused >= 2, JSON.stringify(dns));
+    const log = sb.dnsLog();
+    assert.ok(
+      log.some((l) => l.startsWith("a.cdn.example.test")),
+      log.join("\n"),
+    );
+    assert.not.ok(
+      log.some((l) => l.startsWith("evil.example.test")),
+      log.join("\n"),
+    );
+  });
+});
+
 /** A one-binary image root: a static busybox with the applets the container runs. */
 function busyboxRoot(dir: string): string {
   const root = join(dir, "rootfs");
@@ -228,6 +281,32 @@ test("podman run --network=slirp4netns as the service's user: allowed host reach
     );
     const after = await refusedPackets(sb);
     assert.ok(after > before, `refused packets counted for svc-pod: ${before} -> ${after}`);
+  });
+});
+
+test("podman run --network=slirp4netns in DNS-aware mode: slirp4netns's DNS forwarder is redirected to egressd's proxy", async () => {
+  await withSandbox(WORLD, async (sb) => {
+    await ok(sb, "register", "svc-pod", "--user", String(POD_UID));
+    await ok(sb, "allow", "svc-pod", "*.cdn.example.test:443");
+    await sb.startDaemon();
+    const out = await inPodman(
+      sb,
+      POD_UID,
+      [
+        "nslookup a.cdn.example.test",
+        "nslookup evil.example.test",
+        `if got=$(nc -w 3 ${CDN} 443 </dev/null 2>&1); then echo "tcp ${CDN} ok: $got"; else echo "tcp ${CDN} failed: $got"; fi`,
+      ].join("\n"),
+    );
+    // Only the proxy can have allowed a name below a wildcard, and only before answering.
+    assert.match(out, `Address: ${CDN}`, out);
+    assert.match(out, `tcp ${CDN} ok: hello from ${CDN}:443`, out);
+    assert.match(out, /evil\.example\.test: NXDOMAIN/, out);
+    const log = sb.dnsLog();
+    assert.not.ok(
+      log.some((l) => l.startsWith("evil.example.test")),
+      log.join("\n"),
+    );
   });
 });
 

@@ -112,6 +112,8 @@ test("a name rotating among seven addresses: resolve-then-connect succeeds every
       rounds({ host: "::1" }),
     ]);
     for (const r of results) assert.is(r.result, "ok:21/21", `${r.host} ${JSON.stringify(r)}`);
+    // Every one of those lookups was answered by the proxy and counted as allowed.
+    assert.is((await dnsStatus(sb, "svc-web")).queriesAllowed, 4 * 21);
     // The same lookups from an unmanaged uid go to the real resolver, untouched.
     assert.match(await one(sb, UNMANAGED_UID, ask("evil.example.test")), `NOERROR:${EVIL}`);
   });
@@ -122,6 +124,7 @@ test("a wildcard allows names below it at any depth, not the apex; an unlisted n
     await sb.ok("register", "svc-web", "--user", String(SVC_UID));
     await sb.ok("allow", "svc-web", "*.cdn.example.test:443", "txt.example.test:443");
     await sb.startDaemon();
+    const before = await dnsStatus(sb, "svc-web");
     assert.is(await one(sb, SVC_UID, ask("A.CDN.example.test")), `NOERROR:${CDN_A}`);
     assert.is(await one(sb, SVC_UID, ask("b.c.cdn.example.test.")), `NOERROR:${CDN_BC}`);
     assert.is(await sb.try1(SVC_UID, "tcp", CDN_A, 443), "connected");
@@ -144,14 +147,16 @@ test("a wildcard allows names below it at any depth, not the apex; an unlisted n
       "nor the apex",
     );
     const st = await dnsStatus(sb, "svc-web");
-    assert.is(st.queriesRefused, 2);
+    // Three allowed queries (two A below the wildcard, one TXT), two refused.
+    assert.is(st.queriesAllowed - before.queriesAllowed, 3);
+    assert.is(st.queriesRefused - before.queriesRefused, 2);
     assert.equal(
       st.lastRefused.map((r) => r.name),
       ["evil.example.test", "cdn.example.test"],
     );
     assert.match(
       await sb.ok("status", "svc-web"),
-      "2 refused (last: evil.example.test, cdn.example.test)",
+      "3 allowed, 2 refused (last: evil.example.test, cdn.example.test)",
     );
   });
 });
@@ -265,6 +270,22 @@ test("learned addresses expire in the kernel after their timeout with the daemon
     ]);
     assert.is(held[0]?.result, "held");
     assert.not.match(later, HOLD);
+    // Fail-closed: with the daemon down the redirect stays and nothing answers, so the
+    // service's lookups of an allowed name fail, over UDP and TCP, to any resolver address,
+    // and none of them reaches the resolver.
+    const asked = () => sb.dnsLog().filter((l) => l.startsWith("x.hold.example.test")).length;
+    assert.is(asked(), 1, "the one lookup made while the daemon ran");
+    const down = await sb.probe(
+      SVC_UID,
+      [{}, { transport: "tcp" as const }, { host: "192.0.2.53" }].map((x) =>
+        ask("x.hold.example.test", { timeoutMs: 2000, ...x }),
+      ),
+    );
+    for (const r of down) assert.is(r.result, "ECONNREFUSED", JSON.stringify(r));
+    assert.is(asked(), 1, "no lookup of the service reached the resolver");
+    // The resolver itself is up: an unmanaged uid's lookup reaches it.
+    assert.is(await one(sb, UNMANAGED_UID, ask("x.hold.example.test")), `NOERROR:${HOLD}`);
+    assert.is(asked(), 2);
   });
 });
 

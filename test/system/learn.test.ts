@@ -109,8 +109,8 @@ test("a DNS-aware service's lookups and connections become an allowlist of names
     const policy = listed.services[0];
     assert.ok(policy);
     assert.equal(policy.outbound.map((o) => `${o.host}:${o.ports}`).sort(), [
-      "api.example.test:443",
       `${DB}:5432`,
+      "api.example.test:443",
       "other.example.test:443",
     ]);
     assert.equal(

@@ -56,6 +56,8 @@ const OPS = [
   { op: "listCounters", table: T },
   { op: "listTable", table: "egt_none" },
   { op: "listCounters", table: "egt_none" },
+  { op: "listSet", table: T, set: "allowed" },
+  { op: "listSet", table: T, set: "no_such_set" },
 ];
 
 interface Out {
@@ -95,8 +97,19 @@ const setElements = async (sb: Sandbox) => {
 
 /** The same outcome from either backend, op by op. */
 async function assertOutcome(sb: Sandbox, out: Out) {
-  const [create, refused, check, checkRefused, offSchema, table, counters, none, noCounters] =
-    out.results;
+  const [
+    create,
+    refused,
+    check,
+    checkRefused,
+    offSchema,
+    table,
+    counters,
+    none,
+    noCounters,
+    oneSet,
+    noSet,
+  ] = out.results;
   assert.ok(create?.ok, JSON.stringify(create));
   assert.not.ok(refused?.ok, "a batch deleting a missing element fails");
   assert.is(refused?.error?.code, "ERR_EGRESS_NFT_FAILED");
@@ -114,6 +127,13 @@ async function assertOutcome(sb: Sandbox, out: Out) {
   assert.equal(counters?.value, { c_one: { packets: 0, bytes: 0 } });
   assert.equal(none, { ok: true, value: null }, "a missing table lists as null");
   assert.equal(noCounters, { ok: true, value: {} });
+  const listed = (oneSet?.value as { nftables: Record<string, { name?: string }>[] }).nftables;
+  assert.equal(
+    listed.filter((o) => o.set).map((o) => o.set?.name),
+    ["allowed"],
+    "list set: that one set",
+  );
+  assert.equal(noSet, { ok: true, value: null }, "a missing set lists as null");
   // All or nothing: neither the refused batch's add nor the checked add is in the kernel.
   const only = await setElements(sb);
   assert.match(only, "192.0.2.1");

@@ -2,6 +2,7 @@
  * The Daemon with fake nft, DNS, clock and proxies: what it sends to the kernel, in what order,
  * and what it answers, without a kernel. (System tests prove the real thing in namespaces.)
  */
+import { writeFileSync } from "node:fs";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { parseLive } from "../../rules/live.ts";
@@ -274,6 +275,7 @@ test("at start the saved state is enforced before any DNS query", async () => {
         detail: "fake",
         listTable: async () => null,
         listCounters: h.nft.listCounters.bind(h.nft),
+        listSet: h.nft.listSet.bind(h.nft),
         check: h.nft.check.bind(h.nft),
         apply: async (b) => void calls.push(`apply ${JSON.stringify(b).includes("192.0.2.1")}`),
       },
@@ -289,11 +291,8 @@ test("at start the saved state is enforced before any DNS query", async () => {
       "start() enforces the saved state without asking DNS",
     );
     again.begin(); // what egressd does after telling systemd it is ready
-    await settle();
-    assert.ok(
-      calls.some((c) => c.startsWith("dns ")),
-      "then DNS",
-    );
+    // Then DNS (its first query may wait for file reads: a few ticks under load, not a fixed count).
+    await until(() => calls.some((c) => c.startsWith("dns ")), "then DNS");
     await again.stop();
   } finally {
     await h.done();
@@ -326,6 +325,152 @@ test("a learning window runs the service in audit mode, and when it ends the dae
     await until(() => h.nft.batches.length > batches, "re-applied");
     assert.is((await mode())?.mode, "enforce", "its written mode again");
     assert.is((await mode())?.learning?.active, false);
+  } finally {
+    await h.done();
+  }
+});
+
+test("files edited by hand: a few are applied one by one, many at once are one reload, and nothing twice", async () => {
+  const h = await harness(FAST);
+  try {
+    await h.service({ name: "svc-0", user: 2000, dns: "system", outbound: [] });
+    await started(h);
+    const write = (i: number) =>
+      writeFileSync(
+        h.store.serviceFile(`svc-${i}`),
+        JSON.stringify({
+          name: `svc-${i}`,
+          user: 2000 + i,
+          dns: "system",
+          outbound: [{ host: `192.0.2.${i}`, ports: "443" }],
+        }),
+      );
+    let before = h.nft.batches.length;
+    for (let i = 1; i <= 2; i++) write(i);
+    await h.daemon.noticeChanges();
+    assert.is(h.nft.batches.length - before, 2, "two files: one transaction each");
+    before = h.nft.batches.length;
+    for (let i = 3; i <= 40; i++) write(i);
+    await h.daemon.noticeChanges();
+    assert.is(h.nft.batches.length - before, 1, "38 files: one reload, one transaction");
+    assert.ok(h.logs.some((l) => l.msg === "38 policy file(s) changed on disk"));
+    assert.is(((await h.daemon.status()) as { services: unknown[] }).services.length, 41);
+    before = h.nft.batches.length;
+    const logged = h.logs.length;
+    await h.daemon.noticeChanges();
+    assert.is(h.nft.batches.length, before, "nothing changed since: nothing applied");
+    assert.not.ok(
+      h.logs.slice(logged).some((l) => /changed on disk|policy applied/.test(l.msg)),
+      "and nothing logged",
+    );
+  } finally {
+    await h.done();
+  }
+});
+
+const recordListing = (elem: unknown[]) => ({
+  nftables: [
+    {
+      set: {
+        family: "inet",
+        name: "refused4",
+        table: "egressd",
+        type: ["uid", "ipv4_addr", "inet_proto", "inet_service"],
+        size: 65536,
+        flags: ["timeout"],
+        timeout: 3600,
+        elem,
+        stmt: [{ counter: null }],
+      },
+    },
+  ],
+});
+const recorded = (
+  uid: number,
+  address: string,
+  port: number,
+  packets: number,
+  expires: number,
+) => ({
+  elem: {
+    val: { concat: [uid, address, "tcp", port] },
+    expires,
+    counter: { packets, bytes: packets * 60 },
+  },
+});
+
+test("refused(): the kernel's record by service, with the names the daemon knows each address by", async () => {
+  const h = await harness(FAST);
+  try {
+    await h.service({
+      name: "svc-web",
+      user: 2001,
+      dns: "system",
+      outbound: [{ host: "api.example.test", ports: "443" }],
+    });
+    await h.service({
+      name: "svc-db",
+      user: 2002,
+      outbound: [
+        { host: "198.51.100.1", ports: "5432" },
+        { host: "*.cdn.example.test", ports: "443" },
+      ],
+    });
+    h.resolver.answers.set("api.example.test", { 4: ["192.0.2.1"] });
+    await started(h);
+    await h.daemon.refresh();
+    // svc-db's DNS proxy learned an address for a name it may look up.
+    await h.daemon.allowLearned("svc-db", "a.cdn.example.test", ["203.0.113.9"], 60);
+    h.nft.setListings.set(
+      "refused4",
+      recordListing([
+        recorded(2001, "192.0.2.1", 80, 3, 3590),
+        recorded(2002, "203.0.113.9", 80, 40, 3000),
+        recorded(4242, "203.0.113.10", 443, 99, 3000),
+      ]),
+    );
+    h.nft.setListings.set("refused6", null);
+    const all = await h.daemon.refused();
+    assert.equal(
+      all.map((e) => [
+        e.service,
+        `${e.address}:${e.port}/${e.protocol}`,
+        e.packets,
+        e.lastSeenSeconds,
+        e.names,
+      ]),
+      [
+        ["svc-db", "203.0.113.9:80/tcp", 40, 600, ["a.cdn.example.test"]],
+        ["svc-web", "192.0.2.1:80/tcp", 3, 10, ["api.example.test"]],
+      ],
+      "most packets first; a uid no service has is left out",
+    );
+    assert.equal(
+      (await h.daemon.refused("svc-web")).map((e) => e.address),
+      ["192.0.2.1"],
+    );
+    const err = await h.daemon.refused("svc-nope").catch((e: unknown) => e);
+    assert.match(String((err as Error).message), 'service "svc-nope" is not registered');
+  } finally {
+    await h.done();
+  }
+});
+
+test("refused(): with the record off the table has no record sets and the answer is empty", async () => {
+  const h = await harness({ ...FAST, refused: { size: 0 } });
+  try {
+    await h.service({
+      name: "svc-db",
+      user: 2002,
+      outbound: [{ host: "198.51.100.1", ports: "5432" }],
+    });
+    await started(h);
+    assert.ok(!JSON.stringify(h.nft.batches).includes("refused"));
+    h.nft.setListings.set(
+      "refused4",
+      recordListing([recorded(2002, "203.0.113.9", 443, 40, 3000)]),
+    );
+    assert.equal(await h.daemon.refused(), []);
   } finally {
     await h.done();
   }

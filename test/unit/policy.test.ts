@@ -204,4 +204,25 @@ test("a bad daemon config is rejected with every problem located", () => {
   assert.not.match(text, "$.resolvers[1]");
 });
 
+test("the refused record: on by default, size 0 turns it off, out-of-range values are named with their path", () => {
+  assert.equal(validateConfig({}, "/etc/egressd/egressd.json").refused, {
+    size: 65536,
+    timeoutSeconds: 3600,
+  });
+  assert.equal(validateConfig({ refused: { size: 0 } }, "x.json").refused, {
+    size: 0,
+    timeoutSeconds: 3600,
+  });
+  const problems = problemsOf(() =>
+    validateConfig(
+      { refused: { size: -1, timeoutSeconds: 0, sise: 3 } },
+      "/etc/egressd/egressd.json",
+    ),
+  );
+  const text = problems.map((p) => `${p.where}: ${p.text}`).join("\n");
+  assert.match(text, "/etc/egressd/egressd.json: $.refused.size: must be >= 0");
+  assert.match(text, "$.refused.timeoutSeconds: must be >= 1");
+  assert.match(text, 'unknown key "sise" (did you mean "size"?');
+});
+
 test.run();

@@ -3,7 +3,7 @@ import * as assert from "uvu/assert";
 import { compile } from "../../rules/compile.ts";
 import { reconcile, type ReconcileOptions } from "../../rules/reconcile.ts";
 import type { Command } from "../../rules/batch.ts";
-import type { Ruleset, SetDef } from "../../rules/ruleset.ts";
+import { tableDigest, type Ruleset, type SetDef } from "../../rules/ruleset.ts";
 import { validateBatch } from "../../rules/nft-schema.ts";
 import { policy } from "../helpers/builders.ts";
 
@@ -264,6 +264,146 @@ test("a replace carries each timed element's remaining lifetime and leaves expir
   assert.equal((added?.add?.set as { elem: unknown[] }).elem, [
     { elem: { val: "192.0.2.5", timeout: 42 } },
   ]);
+});
+
+test("the table digest follows the content: equal tables agree, one changed element or rule changes it", () => {
+  const a = base();
+  const again = base(); // the same content, other objects
+  assert.is(tableDigest(a), tableDigest(again));
+  assert.is(tableDigest(a), tableDigest(a), "hashing twice (cached parts) gives the same");
+  const s = a.sets.find((x) => x.elem.length) as SetDef;
+  const changed = withSet(a, { ...s, elem: [...s.elem, "203.0.113.99"] });
+  assert.is.not(tableDigest(changed), tableDigest(a), "an added element");
+  const chain = a.chains[a.chains.length - 1] as Ruleset["chains"][number];
+  const ruled = {
+    ...a,
+    chains: [...a.chains.slice(0, -1), { ...chain, rules: chain.rules.slice(1) }],
+  };
+  assert.is.not(tableDigest(ruled), tableDigest(a), "a removed rule");
+  assert.is.not(tableDigest({ ...a, table: "other" }), tableDigest(a), "another table");
+});
+
+// The refused-destination record: two shared sets whose elements the kernel writes.
+const REC = { size: 64, timeoutSeconds: 600 };
+const recorded = (extra?: (b: ReturnType<typeof policy>) => void, size = REC.size) => {
+  const b = policy()
+    .service("svc-a", 2001)
+    .allow("api.example.test:443", "198.51.100.1:22")
+    .service("svc-b", 2002)
+    .allow("db.example.test:5432")
+    .resolve("api.example.test", "192.0.2.1")
+    .resolve("db.example.test", "192.0.2.9");
+  extra?.(b);
+  return compile({ ...b.build(), refused: { ...REC, size } });
+};
+/** `r` as the kernel holds it after refusals: elements the packet path wrote in both sets. */
+const filled = (r: Ruleset): Ruleset => ({
+  ...r,
+  sets: r.sets.map((s) =>
+    s.name === "refused4"
+      ? { ...s, elem: [{ concat: [2001, "203.0.113.5", "tcp", 80] }] }
+      : s.name === "refused6"
+        ? { ...s, elem: [{ concat: [2002, "2001:db8::5", "udp", 123] }] }
+        : s,
+  ),
+});
+
+/** [what changes, the desired table]: none of these may touch the record's elements. */
+const RECORD_KEPT: [string, () => Ruleset][] = [
+  ["nothing", () => recorded()],
+  [
+    "another answer for one of svc-a's names",
+    () => withSet(recorded(), { ...set(recorded(), "s_svc_a_tcp443_4"), elem: ["192.0.2.2"] }),
+  ],
+  [
+    "an address svc-a's proxy learned (a proxy transaction)",
+    () =>
+      withSet(recorded(), {
+        ...set(recorded(), "s_svc_a_tcp443_4"),
+        elem: ["192.0.2.1", "192.0.2.77"],
+        expires: { "192.0.2.77": NOW + sec(300) },
+      }),
+  ],
+  ["a new service", () => recorded((b) => b.service("svc-c", 2003).allow("203.0.113.7:8443"))],
+  [
+    "a removed service",
+    () =>
+      compile({
+        ...policy()
+          .service("svc-a", 2001)
+          .allow("api.example.test:443", "198.51.100.1:22")
+          .resolve("api.example.test", "192.0.2.1")
+          .build(),
+        refused: REC,
+      }),
+  ],
+];
+
+for (const [what, desired] of RECORD_KEPT) {
+  test(`the refused record: its elements are never added, deleted or flushed (${what})`, () => {
+    const r = reconcile(filled(recorded()), desired(), O);
+    const s = summary(r.commands);
+    assert.ok(
+      s.every((c) => !/refused[46]/.test(c)),
+      `nothing names the record sets:\n${s.join("\n")}`,
+    );
+    assert.ok(r.kind !== "replace");
+    if (r.commands.length) validateBatch({ nftables: r.commands });
+    // What reconcile says is applied reconciles to nothing more, record or not.
+    assert.is(reconcile(filled(r.applied), desired(), O).kind, "none");
+  });
+}
+
+test("the refused record: a replace creates both sets empty, with size, timeout and a counter on each element", () => {
+  const cmds = reconcile(null, recorded(), O).commands;
+  const sets = cmds
+    .map((c) => c.add?.set as Record<string, unknown> | undefined)
+    .filter((x) => x && /^refused[46]$/.test(String(x.name)));
+  assert.equal(
+    sets.map((x) => [x?.name, x?.size, x?.timeout, x?.stmt, x?.elem, x?.flags]),
+    [
+      ["refused4", 64, 600, [{ counter: null }], undefined, ["timeout"]],
+      ["refused6", 64, 600, [{ counter: null }], undefined, ["timeout"]],
+    ],
+  );
+  validateBatch({ nftables: cmds });
+});
+
+test("the refused record: each service chain updates it before its counter, keyed on the service's uid", () => {
+  const chain = recorded().chains.find((c) => c.name === "s_svc_b");
+  const rules = chain?.rules ?? [];
+  const at = rules.findIndex((r) => JSON.stringify(r).includes('"@refused4"'));
+  assert.ok(at >= 0);
+  assert.ok(JSON.stringify(rules[at + 1]).includes('"@refused6"'));
+  assert.equal(rules[at + 2], [{ counter: "s_svc_b" }]);
+  assert.equal(
+    (rules[at]?.[1] as { set: { elem: { concat: unknown[] } } }).set.elem.concat[0],
+    2002,
+  );
+});
+
+test("the refused record: a new size re-creates both sets and refills every chain that updates them", () => {
+  const s = summary(reconcile(filled(recorded()), recorded(undefined, 128), O).commands);
+  for (const name of ["refused4", "refused6"]) {
+    assert.ok(
+      s.indexOf(`delete set ${name}`) >= 0 &&
+        s.indexOf(`delete set ${name}`) < s.indexOf(`add set ${name}`),
+    );
+  }
+  assert.ok(s.indexOf("flush chain s_svc_a") < s.indexOf("delete set refused4"), s.join("\n"));
+  assert.ok(s.includes("flush chain s_svc_b"));
+  assert.ok(
+    s.every((c) => !c.startsWith("add element refused") && !c.startsWith("delete element refused")),
+  );
+});
+
+test("the refused record: size 0 compiles no sets and no update rules; turning it on adds both", () => {
+  const off = recorded(undefined, 0);
+  assert.ok(off.sets.every((x) => !/^refused/.test(x.name)));
+  assert.ok(!JSON.stringify(off.chains).includes("refused"));
+  const s = summary(reconcile(off, recorded(), O).commands);
+  assert.ok(s.includes("add set refused4") && s.includes("add set refused6"));
+  assert.ok(s.indexOf("add set refused4") < s.indexOf("add rule s_svc_a"));
 });
 
 test.run();
