@@ -123,11 +123,23 @@ export function propose(input: ProposalInput): Proposal {
       set.add(l.name);
       namesOf.set(a, set);
     }
+  // The names an address is known by daemon-wide (any policy's answers, any proxy's) explain a
+  // destination only if this service could have looked them up: for a DNS-aware service, the
+  // names it looked up itself and its own policy's names; for one that asks the resolver
+  // directly, whose lookups egressd does not see, the daemon's names are the best guess.
+  const ownNames = new Set(policy.outbound.map((r) => r.host.toLowerCase()));
+  const explains = (n: string) => {
+    const name = n.toLowerCase();
+    if (policy.dns !== "proxy" || ownNames.has(name)) return true;
+    return [...ownNames].some((h) => h.startsWith("*.") && name.endsWith(h.slice(1)));
+  };
   const existing = new Set(policy.outbound.map(ruleKey));
   const out = new Map<string, ProposedOutbound>();
   const used = new Set<string>();
   for (const o of input.observed) {
-    const names = [...new Set([...(namesOf.get(o.address) ?? []), ...o.names])].sort();
+    const names = [
+      ...new Set([...(namesOf.get(o.address) ?? []), ...o.names.filter(explains)]),
+    ].sort();
     const hosts = names.length ? names : [o.address];
     const flagged = input.refuseReason(o.address) ?? undefined;
     for (const host of hosts) {

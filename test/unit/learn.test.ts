@@ -159,4 +159,35 @@ test("what the policy allows already, and ports it declares, are not proposed ag
   assert.match(proposalText(p, "learning"), "nothing to add");
 });
 
+test("names other services' policies gave an address explain it only for a service that does not use egressd's DNS", () => {
+  const known = { ...seen("192.0.2.11", 443), names: ["api.other.test", "x.cdn.example.test"] };
+  const input = (p: ServicePolicy) => ({
+    policy: p,
+    observed: [known],
+    lookedUp: [],
+    listeners: [],
+    refuseReason: () => null,
+  });
+  const aware = propose(input(policy()));
+  assert.equal(
+    aware.outbound.map((o) => `${o.by} ${o.rule.host}`),
+    ["address 192.0.2.11"],
+    "a DNS-aware service never looked those names up: the literal address",
+  );
+  const wild = propose(
+    input(policy({ outbound: [{ host: "*.cdn.example.test", ports: "8443", protocol: "tcp" }] })),
+  );
+  assert.equal(
+    wild.outbound.map((o) => `${o.by} ${o.rule.host}`),
+    ["name x.cdn.example.test"],
+    "a name its own wildcard covers explains it",
+  );
+  const system = propose(input(policy({ dns: "system" })));
+  assert.equal(
+    system.outbound.map((o) => `${o.by} ${o.rule.host}`),
+    ["name api.other.test", "name x.cdn.example.test"],
+    "a service asking the resolver itself: the daemon's names are the best guess",
+  );
+});
+
 test.run();
