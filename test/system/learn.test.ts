@@ -6,7 +6,7 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { withSandbox, type Attempt } from "../helpers/sandbox.ts";
-import { DB, METADATA, SVC_UID, WORLD } from "./world.ts";
+import { CIDR_HOST, DB, METADATA, SVC_UID, WORLD } from "./world.ts";
 
 const test = suite("learning mode: audit for a while, then an allowlist by name");
 
@@ -126,6 +126,7 @@ test("a DNS-aware service's lookups and connections become an allowlist of names
       connect(METADATA, 80),
       lookup("unused.example.test"),
       resolveConnect("other.example.test", 443),
+      connect(CIDR_HOST, 8443),
     ]);
     const results = after.map((r) => r.result);
     assert.is(results[0], "ok:1/1", JSON.stringify(after));
@@ -133,6 +134,7 @@ test("a DNS-aware service's lookups and connections become an allowlist of names
     assert.is.not(results[2], "connected", "metadata stays refused");
     assert.match(results[3] ?? "", /^NXDOMAIN/, "an unlisted name is not answered any more");
     assert.is(results[4], "ok:1/1", "what was allowed before stays allowed");
+    assert.is(results[5], "ECONNREFUSED", "a destination never seen is refused");
   });
 });
 
