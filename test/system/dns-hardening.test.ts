@@ -381,8 +381,33 @@ test("a link planted in the state dir never makes root write, chown or read thro
     assert.match(hard.stderr, "hard links");
     assert.is(readFileSync(precious, "utf8"), "root's file\n");
 
-    // With the file gone, root's apply writes a state file the daemon's user owns.
+    // A FIFO at the daemon's lock file: root's apply looks there for a running daemon, and
+    // must refuse it at once rather than wait forever for a writer.
     await execa("rm", [file]);
+    const pidFile = join(sb.stateDir, "egressd.pid");
+    await execa("mkfifo", [pidFile]);
+    chownSync(pidFile, DAEMON_UID, DAEMON_UID);
+    const t0 = Date.now();
+    const lock = await sb.egressctl("apply");
+    const took = Date.now() - t0;
+    assert.is(lock.exitCode, 3, `${lock.stdout}\n${lock.stderr}`);
+    assert.match(lock.stderr, `refusing ${pidFile}: a FIFO`);
+    assert.ok(took < 5_000, `refused promptly, not after a deadline (${took} ms)`);
+    assert.is(
+      (await sb.exec("nft", ["list", "table", "inet", "egressd"])).exitCode,
+      1,
+      "nothing applied",
+    );
+    // A hard link there (to a file the daemon's user could not write) is refused the same way.
+    await execa("rm", [pidFile]);
+    linkSync(precious, pidFile);
+    const hardLock = await sb.egressctl("apply");
+    assert.is(hardLock.exitCode, 3, hardLock.stderr);
+    assert.match(hardLock.stderr, `refusing ${pidFile}: a file with 2 hard links`);
+    assert.is(readFileSync(precious, "utf8"), "root's file\n");
+    await execa("rm", [pidFile]);
+
+    // With the files gone, root's apply writes a state file the daemon's user owns.
     await sb.ok("apply");
     const st = statSync(file);
     assert.equal([st.uid, st.mode & 0o777], [DAEMON_UID, 0o600]);
