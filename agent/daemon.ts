@@ -190,9 +190,14 @@ export class Daemon {
   private enforced: Loaded | null = null;
   /** True until start() has applied the cached ruleset. */
   starting = true;
+  /** Set by begin(): until then no timer is armed, so start() asks DNS nothing. */
+  private begun = false;
   /** The table last applied, for its digest (computed when state is saved, not per commit). */
   private digestOf: { table: Ruleset; digest: string | null } | null = null;
-  /** The host's own addresses, read at each full commit (the proxy's answers use this copy). */
+  /**
+   * The host's own addresses: read at start, at each full commit, before each refresh records
+   * its answers, and each minute (the proxy's answers are filtered with this copy).
+   */
   private host: ReadonlySet<string> = new Set();
   /** Applied sets by name (rebuilt when the applied table changes), for the proxy's checks. */
   private appliedIndex: { of: Ruleset | null; sets: Map<string, SetDef> } = {
@@ -314,6 +319,7 @@ export class Daemon {
    * background, applies the difference, and keeps doing so on schedule.
    */
   begin(): void {
+    this.begun = true;
     void this.refreshDue().finally(() => this.schedule());
   }
 
@@ -352,6 +358,21 @@ export class Daemon {
       for (const [svc, port] of Object.entries(ports as Record<string, unknown>))
         if (typeof port === "number" && Number.isInteger(port) && l.matchers.has(svc))
           this.ports.set(svc, port);
+  }
+
+  /**
+   * Reads the host's addresses from the kernel again and re-filters what the name and learned
+   * tables hold with them (logging what no longer passes; the next commit removes it).
+   */
+  private rereadHost(): void {
+    const l = this.loaded;
+    this.host = this.deps.hostAddresses();
+    if (!l) return;
+    const ctx = { hostAddresses: this.host };
+    this.logDropped([
+      ...(this.names?.configure(l.config.refresh, ctx) ?? []),
+      ...(this.learned?.configure(l.config.refresh, ctx) ?? []),
+    ]);
   }
 
   /** Names every service allows, each once. */
@@ -644,19 +665,13 @@ export class Daemon {
   private async commit(opts: { save: "now" | "soon" } = { save: "now" }): Promise<ApplySummary> {
     const { log, clock } = this.deps;
     const l = this.loaded as Loaded;
-    const names = this.names as NameTable;
     const learned = this.learned as LearnedTable;
     const now = clock();
     if (opts.save === "now") {
       // A full commit (start, reload, refresh, change, repair): the filter is re-applied with
       // the host's addresses read again. The proxy's transactions (save "soon") skip this: what
       // they add was filtered on arrival, with the copy read here.
-      this.host = this.deps.hostAddresses();
-      const ctx = { hostAddresses: this.host };
-      this.logDropped([
-        ...names.configure(l.config.refresh, ctx),
-        ...learned.configure(l.config.refresh, ctx),
-      ]);
+      this.rereadHost();
       learned.retain(l.matchers);
     }
     learned.prune(now);
@@ -917,6 +932,10 @@ export class Daemon {
     if (todo.length) {
       const run = resolveAll(l.resolver, todo).then((results) => {
         const now = this.deps.clock();
+        // Each refresh reads the host's addresses from the kernel again before it records its
+        // answers: an address added to an interface since is refused from this very answer
+        // (and shown in status as dropped), what the tables already hold is re-filtered.
+        this.rereadHost();
         for (const { name, family, result } of results) {
           if (!table.has(name)) continue; // revoked while we were asking
           table.observe(name, family, result, now);
@@ -1180,7 +1199,7 @@ export class Daemon {
   private schedule(): void {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
-    if (this.stopped || !this.names) return;
+    if (this.stopped || !this.begun || !this.names) return;
     const now = this.deps.clock();
     const candidates = [this.names.nextEvent(now), this.wakeAt].filter(
       (t): t is number => t !== null,

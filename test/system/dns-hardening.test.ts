@@ -44,6 +44,24 @@ async function elements(sb: Sandbox, set: string): Promise<string> {
   return (await sb.nft("list", "set", "inet", "egressd", set)).replace(/\s+/g, " ");
 }
 
+/** The elements of one of egressd's sets, parsed from `nft -j list set` (intervals as "a-b"). */
+async function setElements(sb: Sandbox, set: string): Promise<string[]> {
+  const j = await sb.nftJson("list", "set", "inet", "egressd", set);
+  const found = j.nftables.find((o) => "set" in o)?.set as { elem?: unknown[] } | undefined;
+  const text = (e: unknown): string => {
+    if (typeof e === "string") return e;
+    const o = e as Record<string, unknown>;
+    if (o.elem) return text((o.elem as { val: unknown }).val);
+    if (o.prefix) {
+      const p = o.prefix as { addr: string; len: number };
+      return `${p.addr}/${p.len}`;
+    }
+    if (o.range) return (o.range as unknown[]).map(text).join("-");
+    return JSON.stringify(e);
+  };
+  return (found?.elem ?? []).map(text);
+}
+
 interface FamilyJson {
   lastError: { code: string; message: string } | null;
   addresses: string[];
@@ -234,6 +252,39 @@ test("DNS answers of every forbidden class never reach a set and are never conne
     );
     assert.is(logged.length, 1, "each dropped address is logged once per name");
     assert.match(String(logged[0]?.hint), "allow it by IP or CIDR");
+  });
+});
+
+test("an address added to the host while the daemon runs is refused from DNS answers at the next refresh", async () => {
+  const NEW = "192.0.2.99";
+  const records: Records = { ...WORLD.records, "grow.example.test": { A: [X, NEW], ttl: 1 } };
+  await withSandbox({ ...WORLD, records, config: CONFIG }, async (sb) => {
+    // A local listener on every address, run by an unmanaged uid.
+    await sb.serveAs(UNMANAGED_UID, [{ proto: "tcp", host: "0.0.0.0", port: 8080 }]);
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    await sb.ok("allow", "svc-web", "grow.example.test:8080");
+    await sb.startDaemon();
+    await eventually(
+      async () => (await setElements(sb, "s_svc_web_tcp8080_4")).includes(NEW),
+      15_000,
+      "a global address the host does not have is allowed",
+    );
+    // The host now owns NEW: allowing it would open the local listener to the service.
+    await sb.ip("addr", "add", `${NEW}/32`, "dev", "lo");
+    assert.is(await sb.try1(UNMANAGED_UID, "tcp", NEW, 8080), "connected", "NEW is local now");
+    const t0 = Date.now();
+    await eventually(
+      async () => !(await setElements(sb, "s_svc_web_tcp8080_4")).includes(NEW),
+      10_000,
+      "the next refresh (TTL 1 s) refuses it",
+    );
+    const took = Date.now() - t0;
+    assert.ok(took < 5_000, `within a refresh or two (${took} ms)`);
+    assert.equal(await setElements(sb, "s_svc_web_tcp8080_4"), [X], "the other address stays");
+    assert.is(await sb.try1(SVC_UID, "tcp", NEW, 8080), "ECONNREFUSED", "the local listener");
+    assert.is(await sb.try1(SVC_UID, "tcp", X, 8080), "connected");
+    const name = (await status(sb)).services[0]?.names.find((n) => n.name === "grow.example.test");
+    assert.equal(name?.A.dropped, [{ address: NEW, reason: "an address of this host" }]);
   });
 });
 
