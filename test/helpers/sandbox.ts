@@ -51,6 +51,8 @@ export async function fixtures(): Promise<{ peer: string; probe: string }> {
   if (!fixtureDir) {
     const dir = mkdtempSync(join(tmpdir(), "egressd-fixtures-"));
     chmodSync(dir, 0o755);
+    // Shared by every sandbox of the run: removed when the test process ends.
+    process.once("exit", () => rmSync(dir, { recursive: true, force: true }));
     for (const name of ["peer", "probe"])
       await bundleScript(join(ROOT, `test/fixtures/${name}.ts`), join(dir, `${name}.mjs`));
     fixtureDir = dir;
