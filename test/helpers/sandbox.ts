@@ -10,6 +10,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import {
   chmodSync,
+  existsSync,
   mkdirSync,
   mkdtempSync,
   readFileSync,
@@ -338,7 +339,12 @@ export class Sandbox {
         ...this.pathFlags,
       ],
 
-      { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } },
+      // Its temp dir (the nft program's batch dir, egressd-UID, when EGRESSD_NFT is set) is
+      // the sandbox's, so it goes with the sandbox.
+      {
+        stdio: ["ignore", "pipe", "pipe"],
+        env: { ...process.env, TMPDIR: this.daemonTmp(), ...env },
+      },
     );
     const d = new Daemon(child);
     this.daemons.push(d);
@@ -349,6 +355,16 @@ export class Sandbox {
       30_000,
     );
     return d;
+  }
+
+  /** A world-writable temp dir inside the sandbox (like /tmp), for its daemons. */
+  private daemonTmp(): string {
+    const dir = join(this.dir, "daemon-tmp");
+    if (!existsSync(dir)) {
+      mkdirSync(dir);
+      chmodSync(dir, 0o1777);
+    }
+    return dir;
   }
 
   async nft(...args: string[]): Promise<string> {
