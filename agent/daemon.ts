@@ -202,6 +202,8 @@ export class Daemon {
   private waiters: { resolve: () => void; reject: (e: unknown) => void }[] = [];
   private flushing: Promise<void> | null = null;
   private saveTimer: NodeJS.Timeout | null = null;
+  /** A save asked for while stopping: stop() writes it. */
+  private savePending = false;
   /** Wakes the daemon when the next learning window ends (the service is enforced again). */
   private learnTimer: NodeJS.Timeout | null = null;
   readonly startedAt: number;
@@ -225,9 +227,14 @@ export class Daemon {
   private enforced: Loaded | null = null;
   /** True until start() has applied the cached ruleset. */
   starting = true;
+  /** Set by begin(): until then no timer is armed, so start() asks DNS nothing. */
+  private begun = false;
   /** The table last applied, for its digest (computed when state is saved, not per commit). */
   private digestOf: { table: Ruleset; digest: string | null } | null = null;
-  /** The host's own addresses, read at each full commit (the proxy's answers use this copy). */
+  /**
+   * The host's own addresses: read at start, at each full commit, before each refresh records
+   * its answers, and each minute (the proxy's answers are filtered with this copy).
+   */
   private host: ReadonlySet<string> = new Set();
   /** Applied sets by name (rebuilt when the applied table changes), for the proxy's checks. */
   private appliedIndex: { of: Ruleset | null; sets: Map<string, SetDef> } = {
@@ -356,6 +363,7 @@ export class Daemon {
    * background, applies the difference, and keeps doing so on schedule.
    */
   begin(): void {
+    this.begun = true;
     void this.refreshDue().finally(() => this.schedule());
   }
 
@@ -394,6 +402,21 @@ export class Daemon {
       for (const [svc, port] of Object.entries(ports as Record<string, unknown>))
         if (typeof port === "number" && Number.isInteger(port) && l.matchers.has(svc))
           this.ports.set(svc, port);
+  }
+
+  /**
+   * Reads the host's addresses from the kernel again and re-filters what the name and learned
+   * tables hold with them (logging what no longer passes; the next commit removes it).
+   */
+  private rereadHost(): void {
+    const l = this.loaded;
+    this.host = this.deps.hostAddresses();
+    if (!l) return;
+    const ctx = { hostAddresses: this.host };
+    this.logDropped([
+      ...(this.names?.configure(l.config.refresh, ctx) ?? []),
+      ...(this.learned?.configure(l.config.refresh, ctx) ?? []),
+    ]);
   }
 
   /** Names every service allows, each once. */
@@ -699,19 +722,13 @@ export class Daemon {
   private async commit(opts: { save: "now" | "soon" } = { save: "now" }): Promise<ApplySummary> {
     const { log, clock } = this.deps;
     const l = this.loaded as Loaded;
-    const names = this.names as NameTable;
     const learned = this.learned as LearnedTable;
     const now = clock();
     if (opts.save === "now") {
       // A full commit (start, reload, refresh, change, repair): the filter is re-applied with
       // the host's addresses read again. The proxy's transactions (save "soon") skip this: what
       // they add was filtered on arrival, with the copy read here.
-      this.host = this.deps.hostAddresses();
-      const ctx = { hostAddresses: this.host };
-      this.logDropped([
-        ...names.configure(l.config.refresh, ctx),
-        ...learned.configure(l.config.refresh, ctx),
-      ]);
+      this.rereadHost();
       learned.retain(l.matchers);
     }
     learned.prune(now);
@@ -833,7 +850,10 @@ export class Daemon {
       .map((p) => p.name);
   }
 
-  private async saveState(): Promise<void> {
+  private async saveState(final = false): Promise<void> {
+    // After stop() (a lookup still answering, a commit it triggered), nothing is written: stop()
+    // wrote the last state.
+    if (this.stopped && !final) return;
     try {
       await this.deps.state.save({
         version: 2,
@@ -946,6 +966,11 @@ export class Daemon {
 
   /** Saves state within a second (proxy transactions can come many per second). */
   private saveSoon(): void {
+    // Once stopping, stop() saves what is pending itself (nothing is written after it returns).
+    if (this.stopped) {
+      this.savePending = true;
+      return;
+    }
     if (this.saveTimer) return;
     this.saveTimer = setTimeout(() => {
       this.saveTimer = null;
@@ -972,6 +997,10 @@ export class Daemon {
     if (todo.length) {
       const run = resolveAll(l.resolver, todo).then((results) => {
         const now = this.deps.clock();
+        // Each refresh reads the host's addresses from the kernel again before it records its
+        // answers: an address added to an interface since is refused from this very answer
+        // (and shown in status as dropped), what the tables already hold is re-filtered.
+        this.rereadHost();
         for (const { name, family, result } of results) {
           if (!table.has(name)) continue; // revoked while we were asking
           table.observe(name, family, result, now);
@@ -1251,7 +1280,7 @@ export class Daemon {
     if (this.timer) clearTimeout(this.timer);
     this.timer = null;
     // Not during start(): it enforces the saved state without a DNS query; begin() arms the timer.
-    if (this.stopped || !this.names || this.starting) return;
+    if (this.stopped || !this.begun || !this.names) return;
     const now = this.deps.clock();
     const candidates = [this.names.nextEvent(now), this.wakeAt].filter(
       (t): t is number => t !== null,
@@ -1577,6 +1606,7 @@ export class Daemon {
         );
         void (async () => {
           for (const p of ended) {
+            if (this.stopped) break;
             this.deps.log.info(
               { service: p.name, since: p.learning?.since, until: p.learning?.until },
               `${p.name}: learning window over; enforcing its policy again (see: egressctl learn ${p.name} --show)`,
@@ -1650,11 +1680,20 @@ export class Daemon {
     if (this.timer) clearTimeout(this.timer);
     if (this.learnTimer) clearTimeout(this.learnTimer);
     await this.deps.proxies?.closeAll();
-    await this.queue;
+    // Whatever is queued or in flight (a start, a change, a proxy transaction) ends first,
+    // including work queued while waiting.
+    for (let q = null as Promise<unknown> | null; q !== this.queue || this.flushing;) {
+      q = this.queue;
+      await Promise.all([q, this.flushing]);
+    }
     if (this.saveTimer) {
       clearTimeout(this.saveTimer);
       this.saveTimer = null;
-      if (this.loaded) await this.saveState();
+      this.savePending = true;
+    }
+    if (this.savePending && this.loaded) {
+      this.savePending = false;
+      await this.saveState(true);
     }
   }
 }

@@ -48,7 +48,7 @@ export interface FamilyState {
   /** Consecutive failures (timeouts, SERVFAIL, ...); drives the backoff. */
   failures: number;
   lastError: { code: string; message: string; at: number } | null;
-  /** Addresses the last answer held that may not be allowed, and why. */
+  /** Addresses the last answer held that may not be allowed (or held ones a narrowing removed), and why. */
   dropped: Dropped[];
   /** CNAME chain of the last answer. */
   chain: string[];
@@ -105,6 +105,11 @@ export class NameTable {
         const keep = (a: string, why: string | null) => {
           if (!why) return true;
           pruned.push({ name, address: a, reason: why });
+          // Shown in status like a dropped answer, until the next answer replaces the list.
+          fam.dropped = [
+            ...fam.dropped.filter((d) => d.address !== a),
+            { address: a, reason: why },
+          ];
           return false;
         };
         fam.current = fam.current.filter((a) => keep(a, this.reason(a)));

@@ -13,7 +13,7 @@
  */
 import { randomBytes } from "node:crypto";
 import { constants, type Stats } from "node:fs";
-import { lstat, open, rename, rm, stat } from "node:fs/promises";
+import { lstat, open, rename, rm, stat, type FileHandle } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { EgressError } from "../../rules/errors.ts";
 
@@ -57,13 +57,21 @@ function checkFile(path: string, st: Stats, owners: readonly number[]): void {
 export const ownersFor = (dirUid: number) => [...new Set([dirUid, 0])];
 
 /**
- * Reads `path` without following a link. Null when it does not exist; an EgressError (exit 3)
- * when it is anything but a regular file owned by one of `owners`.
+ * Opens `path` without following a link and without blocking on a FIFO (O_NOFOLLOW|O_NONBLOCK
+ * are added to `flags`), then checks the open descriptor: a regular file with one link, owned
+ * by one of `owners`. Null when it does not exist (and `flags` has no O_CREAT); an EgressError
+ * (exit 3) when it is anything else. Checking the descriptor, not the name, leaves no window
+ * for a swap between the check and the use.
  */
-export async function readSafely(path: string, owners: readonly number[]): Promise<string | null> {
-  let fh;
+export async function openSafely(
+  path: string,
+  flags: number,
+  owners: readonly number[],
+  mode?: number,
+): Promise<FileHandle | null> {
+  let fh: FileHandle;
   try {
-    fh = await open(path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK);
+    fh = await open(path, flags | O_NOFOLLOW | O_NONBLOCK, mode);
   } catch (err) {
     const e = err as NodeJS.ErrnoException;
     if (e.code === "ENOENT") return null;
@@ -72,6 +80,21 @@ export async function readSafely(path: string, owners: readonly number[]): Promi
   }
   try {
     checkFile(path, await fh.stat(), owners);
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  return fh;
+}
+
+/**
+ * Reads `path` without following a link. Null when it does not exist; an EgressError (exit 3)
+ * when it is anything but a regular file owned by one of `owners`.
+ */
+export async function readSafely(path: string, owners: readonly number[]): Promise<string | null> {
+  const fh = await openSafely(path, O_RDONLY, owners);
+  if (!fh) return null;
+  try {
     return await fh.readFile("utf8");
   } finally {
     await fh.close();

@@ -184,6 +184,8 @@ export interface Harness {
   proxies: FakeProxies;
   store: PolicyStore;
   clock: { now: number };
+  /** The host's own addresses, as the kernel would list them now (tests add to it). */
+  host: Set<string>;
   logs: { msg: string; [k: string]: unknown }[];
   /** Writes a service policy (validated) into the config dir. */
   service(doc: Record<string, unknown>): Promise<void>;
@@ -198,6 +200,7 @@ export async function harness(config: Record<string, unknown> = {}): Promise<Har
   const resolver = new FakeResolver();
   const proxies = new FakeProxies();
   const clock = { now: 1_700_000_000_000 };
+  const host = new Set<string>();
   const logs: Harness["logs"] = [];
   const log = pino(
     { level: "debug" },
@@ -214,7 +217,7 @@ export async function harness(config: Record<string, unknown> = {}): Promise<Har
     users,
     resolver: () => resolver,
     clock: () => clock.now,
-    hostAddresses: () => new Set(),
+    hostAddresses: () => new Set(host),
     log,
     proxies,
   });
@@ -225,6 +228,7 @@ export async function harness(config: Record<string, unknown> = {}): Promise<Har
     proxies,
     store,
     clock,
+    host,
     logs,
     service: (doc) =>
       store.locked(() => store.writeService(validateService(doc, "unit", String(doc.name)))),

@@ -10,6 +10,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import {
   chmodSync,
+  existsSync,
   mkdirSync,
   mkdtempSync,
   readFileSync,
@@ -51,6 +52,8 @@ export async function fixtures(): Promise<{ peer: string; probe: string }> {
   if (!fixtureDir) {
     const dir = mkdtempSync(join(tmpdir(), "egressd-fixtures-"));
     chmodSync(dir, 0o755);
+    // Shared by every sandbox of the run: removed when the test process ends.
+    process.once("exit", () => rmSync(dir, { recursive: true, force: true }));
     for (const name of ["peer", "probe"])
       await bundleScript(join(ROOT, `test/fixtures/${name}.ts`), join(dir, `${name}.mjs`));
     fixtureDir = dir;
@@ -336,7 +339,12 @@ export class Sandbox {
         ...this.pathFlags,
       ],
 
-      { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...env } },
+      // Its temp dir (the nft program's batch dir, egressd-UID, when EGRESSD_NFT is set) is
+      // the sandbox's, so it goes with the sandbox.
+      {
+        stdio: ["ignore", "pipe", "pipe"],
+        env: { ...process.env, TMPDIR: this.daemonTmp(), ...env },
+      },
     );
     const d = new Daemon(child);
     this.daemons.push(d);
@@ -347,6 +355,16 @@ export class Sandbox {
       30_000,
     );
     return d;
+  }
+
+  /** A world-writable temp dir inside the sandbox (like /tmp), for its daemons. */
+  private daemonTmp(): string {
+    const dir = join(this.dir, "daemon-tmp");
+    if (!existsSync(dir)) {
+      mkdirSync(dir);
+      chmodSync(dir, 0o1777);
+    }
+    return dir;
   }
 
   async nft(...args: string[]): Promise<string> {

@@ -141,6 +141,11 @@ test("egressd --once and egressctl apply go through a running daemon instead of 
   });
 });
 
+/** The error fields of `egressctl --json status`. */
+interface StatusErrors {
+  daemon: { lastError: unknown; policyError: unknown; policyErrors: unknown[] };
+}
+
 test("a hand edit is enforced within seconds; a broken one is kept out, named in status and audit, until fixed", async () => {
   await withSandbox(W, async (sb) => {
     await sb.ok("register", "svc-web", "--user", String(SVC_UID), "--dns", "system");
@@ -163,6 +168,9 @@ test("a hand edit is enforced within seconds; a broken one is kept out, named in
     assert.match(st, "policy on disk NOT applied");
     assert.match(st, "svc-web.json");
     assert.match(st, "70000");
+    const brokenJson = JSON.parse(await sb.ok("--json", "status")) as StatusErrors;
+    assert.ok(brokenJson.daemon.policyErrors.length, "the JSON names the broken file too");
+    assert.ok(brokenJson.daemon.policyError);
     assert.is(await sb.try1(SVC_UID, "tcp", X, 443), "ECONNREFUSED", "nothing of the broken file");
     assert.is(await sb.try1(SVC_UID, "tcp", DB, 5432), "connected", "the last good policy");
     const audit = await sb.egressctl("--json", "audit");
@@ -184,6 +192,14 @@ test("a hand edit is enforced within seconds; a broken one is kept out, named in
       10_000,
       "status clears",
     );
+    // Cleared for good: no error line of any kind, in the text or in the JSON.
+    const text = await sb.ok("status");
+    assert.not.match(text, /last error/i, text);
+    assert.not.match(text, /NOT applied|70000|still enforcing the last good policy/, text);
+    const json = JSON.parse(await sb.ok("--json", "status")) as StatusErrors;
+    assert.is(json.daemon.lastError, null, JSON.stringify(json.daemon.lastError));
+    assert.is(json.daemon.policyError, null, JSON.stringify(json.daemon.policyError));
+    assert.equal(json.daemon.policyErrors, []);
     const clean = JSON.parse((await sb.egressctl("--json", "audit")).stdout) as {
       findings: unknown[];
     };

@@ -1,6 +1,7 @@
 /** Link-safe reads and writes in a directory another user owns (as root, in a temp dir). */
 import {
   chownSync,
+  existsSync,
   lchownSync,
   lstatSync,
   mkdirSync,
@@ -9,14 +10,17 @@ import {
   rmSync,
   statSync,
   symlinkSync,
+  linkSync,
   writeFileSync,
 } from "node:fs";
+import { execa } from "execa";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { readSafely, writeSafely } from "../../agent/store/safe-file.fs.ts";
 import { StateStore } from "../../agent/store/state.fs.ts";
+import { acquire, holder } from "../../agent/store/pid-lock.fs.ts";
 import { EgressError } from "../../rules/errors.ts";
 
 const test = suite("safe files: root is never steered by links in a directory another user owns");
@@ -117,6 +121,47 @@ test("a state dir that is a link someone else owns is refused", async () => {
     symlinkSync(s.dir, link);
     lchownSync(link, OTHER_UID, OTHER_UID);
     await refused(new StateStore(link).load(), "a symbolic link owned by uid 64997");
+  } finally {
+    s.done();
+  }
+});
+
+test("the daemon's lock file is never taken, truncated or read through a link, hard link or FIFO", async () => {
+  const s = scene();
+  try {
+    const store = new StateStore(s.dir);
+    const pidFile = store.lockFile;
+    linkSync(s.precious, pidFile);
+    await refused(store.lockForDaemon(), "a file with 2 hard links");
+    await refused(holder(pidFile), "a file with 2 hard links");
+    assert.is(readFileSync(s.precious, "utf8"), "root's\n", "not truncated, no pid written");
+    rmSync(pidFile);
+
+    symlinkSync(s.precious, pidFile);
+    await refused(acquire(pidFile, { waitMs: 0 }), "a symbolic link");
+    await refused(holder(pidFile), "a symbolic link");
+    rmSync(pidFile);
+    symlinkSync(join(s.base, "absent"), pidFile);
+    await refused(acquire(pidFile, { waitMs: 0 }), "a symbolic link");
+    assert.not.ok(existsSync(join(s.base, "absent")), "a dangling link is not created through");
+    rmSync(pidFile);
+
+    await execa("mkfifo", [pidFile]);
+    await refused(acquire(pidFile, { waitMs: 0 }), "a FIFO");
+    await refused(holder(pidFile), "a FIFO");
+    rmSync(pidFile);
+
+    writeFileSync(pidFile, "1\n");
+    chownSync(pidFile, 12345, 12345);
+    await refused(holder(pidFile), "owned by uid 12345");
+    rmSync(pidFile);
+
+    // A sound lock file works as before.
+    const held = await store.lockForDaemon();
+    assert.ok("release" in held);
+    assert.is(readFileSync(pidFile, "utf8"), `${process.pid}\n`);
+    assert.is(await holder(pidFile), null, "our own lock is not another holder");
+    await held.release();
   } finally {
     s.done();
   }

@@ -44,4 +44,30 @@ test("the catalogue lists no code the source no longer uses", () => {
   );
 });
 
+/** Each catalogue entry's text: from its "#### CODE" heading to the next heading. */
+function entries(): Map<string, string> {
+  const out = new Map<string, string>();
+  const text = readFileSync("docs/cli.md", "utf8");
+  const heads = [...text.matchAll(/^#### (ERR_EGRESS_[A-Z_]+)$/gm)];
+  for (const h of heads) {
+    const start = (h.index ?? 0) + h[0].length;
+    const next = /^#{1,4} /m.exec(text.slice(start));
+    out.set(h[1] ?? "", text.slice(start, next ? start + next.index : undefined));
+  }
+  return out;
+}
+
+test("every catalogue entry gives the message and a hint (or what to do)", () => {
+  const all = entries();
+  assert.ok(all.size >= codesInSource().size, `${all.size} entries`);
+  const incomplete: string[] = [];
+  for (const [code, body] of all) {
+    const message = /^- \*\*message:\*\* *(\S.*)$/m.exec(body);
+    const hint = /^- \*\*(?:hint|what to do):\*\* *(\S.*)$/m.exec(body);
+    if (!message) incomplete.push(`${code}: no "- **message:** ..." line`);
+    if (!hint) incomplete.push(`${code}: no "- **hint:** ..." (or "- **what to do:** ...") line`);
+  }
+  assert.equal(incomplete, [], "each entry of docs/cli.md needs both, with text");
+});
+
 test.run();
