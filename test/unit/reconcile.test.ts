@@ -374,10 +374,18 @@ test("the refused record: each service chain updates it before its counter, keye
   const rules = chain?.rules ?? [];
   const at = rules.findIndex((r) => JSON.stringify(r).includes('"@refused4"'));
   assert.ok(at >= 0);
-  assert.ok(JSON.stringify(rules[at + 1]).includes('"@refused6"'));
-  assert.equal(rules[at + 2], [{ counter: "s_svc_b" }]);
+  // One rule per family and protocol (no anonymous { tcp, udp } set), then the counter.
   assert.equal(
-    (rules[at]?.[1] as { set: { elem: { concat: unknown[] } } }).set.elem.concat[0],
+    rules.slice(at, at + 4).map((r) => {
+      const t = JSON.stringify(r);
+      return `${/"protocol":"(tcp|udp)","field":"dport"/.exec(t)?.[1]} ${/"@(refused\d)"/.exec(t)?.[1]}`;
+    }),
+    ["tcp refused4", "udp refused4", "tcp refused6", "udp refused6"],
+  );
+  assert.not.ok(JSON.stringify(rules).includes('"set":["tcp","udp"]'));
+  assert.equal(rules[at + 4], [{ counter: "s_svc_b" }]);
+  assert.equal(
+    (rules[at]?.[0] as { set: { elem: { concat: unknown[] } } }).set.elem.concat[0],
     2002,
   );
 });

@@ -105,10 +105,8 @@ const DRIFT: [string, () => Ruleset | null, string[]][] = [
         0,
       ),
     [
-      "rule-missing chain s_svc_a",
-      "rule-missing chain s_svc_a",
-      "rule-missing chain s_svc_b",
-      "rule-missing chain s_svc_b",
+      ...Array(4).fill("rule-missing chain s_svc_a"),
+      ...Array(4).fill("rule-missing chain s_svc_b"),
       "set-missing set refused4",
       "set-missing set refused6",
     ],
