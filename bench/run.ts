@@ -240,13 +240,16 @@ async function nftPaths(
   sb: Sandbox,
   ...args: string[]
 ): Promise<Record<string, number[] | number>> {
-  const r = await sb.exec(process.execPath, [
-    "--import",
-    "tsx",
-    join(ROOT, "bench/nft-paths.ts"),
-    ...args,
-  ]);
-  if (r.exitCode !== 0) throw new Error(`nft-paths ${args.join(" ")}: ${r.stderr}`);
+  // Four paths, several runs each: at 10,000 services that is minutes, not the 2 min default.
+  const r = await sb.exec(
+    process.execPath,
+    ["--import", "tsx", join(ROOT, "bench/nft-paths.ts"), ...args],
+    { timeoutMs: 900_000 },
+  );
+  if (r.exitCode !== 0)
+    throw new Error(
+      `nft-paths ${args.join(" ")}: exit ${r.exitCode} ${r.signal ?? ""} ${r.stderr}`,
+    );
   return JSON.parse(r.stdout) as Record<string, number[] | number>;
 }
 

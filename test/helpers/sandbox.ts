@@ -256,7 +256,7 @@ export class Sandbox {
   exec(
     cmd: string,
     args: readonly string[],
-    opts: { input?: string; env?: Record<string, string> } = {},
+    opts: { input?: string; env?: Record<string, string>; timeoutMs?: number } = {},
   ) {
     return this.execIn(this.ns, cmd, args, opts);
   }
@@ -270,11 +270,11 @@ export class Sandbox {
     ns: string,
     cmd: string,
     args: readonly string[],
-    opts: { input?: string; env?: Record<string, string> },
+    opts: { input?: string; env?: Record<string, string>; timeoutMs?: number },
   ) {
     return execa("ip", ["netns", "exec", ns, cmd, ...args], {
       reject: false,
-      timeout: 120_000,
+      timeout: opts.timeoutMs ?? 120_000,
       ...(opts.input !== undefined ? { input: opts.input } : { stdin: "ignore" as const }),
       ...(opts.env ? { env: opts.env } : {}),
     });
