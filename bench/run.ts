@@ -271,6 +271,7 @@ async function apply(): Promise<void> {
       writePolicies(sb, services(n));
       const cap = await sb.exec(process.execPath, [EGRESSCTL, ...sb.pathFlags, "apply"], {
         env: { EGRESSD_NFT: capture },
+        timeoutMs: 900_000,
       });
       if (cap.exitCode !== 0) throw new Error(`egressctl apply (capture): ${cap.stderr}`);
       const ours: number[] = [];
