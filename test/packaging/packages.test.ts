@@ -85,9 +85,9 @@ function inRoot(root: string, script: string, netns = false) {
   return run(
     "unshare",
     ["-m", "--propagation", "private", ...(netns ? ["-n"] : []), "sh", "-c", setup, "sh", script],
-    {
-      PATH: "/usr/sbin:/usr/bin:/sbin:/bin",
-    },
+    // The root's own /tmp: the suite's TMPDIR (a dir of the host) does not exist in it, and
+    // maintainer scripts (ca-certificates' mktemp) fail on it.
+    { PATH: "/usr/sbin:/usr/bin:/sbin:/bin", TMPDIR: "/tmp" },
   );
 }
 
@@ -130,7 +130,10 @@ test("the packages are for this architecture and carry one native module: koffi'
 });
 
 test("lintian reports no errors or warnings on the .deb", async () => {
-  const r = await run("lintian", ["--tag-display-limit", "0", DEB]);
+  // lintian leaves its ELF cache (mldbm-elf-*) in TMPDIR: give it one inside the work dir.
+  const lintTmp = join(work, "lintian-tmp");
+  mkdirSync(lintTmp, { recursive: true });
+  const r = await run("lintian", ["--tag-display-limit", "0", DEB], { TMPDIR: lintTmp });
   const tags = r.stdout.split("\n").filter((l) => /^[EW]: /.test(l));
   assert.equal(tags, [], r.stdout);
   assert.is(r.exitCode, 0, r.stdout + r.stderr);

@@ -1,4 +1,5 @@
-import { cpSync, existsSync, readFileSync } from "node:fs";
+import { cpSync, existsSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
@@ -165,7 +166,11 @@ test("no false drift: after applying generated policies, the live table equals t
       const findings = diff(parseLive(await nft.listTable("egressd"), "egressd"), desired);
       assert.equal(findings, [], `round ${round}`);
     }
-  });
+  }).finally(() =>
+    // The nft program ran in this process: its private batch dir (egressd-UID, kept for the
+    // process's life by design) is in the runner's temp dir, not the sandbox's.
+    rmSync(join(tmpdir(), `egressd-${process.geteuid?.() ?? 0}`), { recursive: true, force: true }),
+  );
 });
 
 test("a user given by name is looked up in the system's user database", async () => {

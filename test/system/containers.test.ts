@@ -6,7 +6,15 @@
  * container tools need are bind-mounted, and every process ends with the namespace.
  * docs/containers.md describes the recipe and what it does not cover.
  */
-import { chmodSync, copyFileSync, mkdirSync, symlinkSync, writeFileSync } from "node:fs";
+import {
+  chmodSync,
+  copyFileSync,
+  mkdirSync,
+  mkdtempSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { join } from "node:path";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
@@ -209,8 +217,25 @@ const BUSYBOX = "/bin/busybox";
 async function inPodman(sb: Sandbox, uid: number, inner: string): Promise<string> {
   const d = join(sb.dir, "podman");
   mkdirSync(join(d, "home"), { recursive: true });
-  mkdirSync(join(d, "run"));
-  chmodSync(join(d, "run"), 0o700);
+  // podman refuses a runroot of over 50 characters, and the sandbox's dir (inside the suite's
+  // temp dir) is longer: the run dir is a short one of its own, removed when podman is done.
+  const run = mkdtempSync("/tmp/egt-pod-");
+  try {
+    return await podmanIn(sb, uid, inner, d, run);
+  } finally {
+    rmSync(run, { recursive: true, force: true });
+  }
+}
+
+/** inPodman with its dirs: `d` (in the sandbox) and `run` (podman's runroot and XDG_RUNTIME_DIR). */
+async function podmanIn(
+  sb: Sandbox,
+  uid: number,
+  inner: string,
+  d: string,
+  run: string,
+): Promise<string> {
+  chmodSync(run, 0o700);
   const root = busyboxRoot(d);
   const tar = join(d, "rootfs.tar");
   await execa("tar", ["-C", root, "-cf", tar, "."]);
@@ -224,11 +249,11 @@ async function inPodman(sb: Sandbox, uid: number, inner: string): Promise<string
   writeFileSync(join(d, "subgid"), `${user}:200000:65536\n`);
   writeFileSync(join(d, "host-resolv.conf"), "nameserver 127.0.0.1\n");
   writeFileSync(join(d, "inner.sh"), inner);
-  await execa("chown", ["-R", `${uid}:${uid}`, join(d, "home"), join(d, "run")]);
+  await execa("chown", ["-R", `${uid}:${uid}`, join(d, "home"), run]);
   const podman = [
     "podman",
     `--root=${join(d, "home", "storage")}`,
-    `--runroot=${join(d, "run", "storage")}`,
+    `--runroot=${join(run, "storage")}`,
     "--storage-driver=vfs",
     "--cgroup-manager=cgroupfs",
     "--events-backend=file",
@@ -244,7 +269,7 @@ async function inPodman(sb: Sandbox, uid: number, inner: string): Promise<string
       ...["passwd", "group", "subuid", "subgid"].map((f) => `mount --bind ${join(d, f)} /etc/${f}`),
       // slirp4netns forwards the container's DNS (10.0.2.3) to the first nameserver here.
       `mount --bind ${join(d, "host-resolv.conf")} /etc/resolv.conf`,
-      `exec setpriv --reuid=${uid} --regid=${uid} --clear-groups env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=${join(d, "home")} XDG_RUNTIME_DIR=${join(d, "run")} USER=${user} sh -c '` +
+      `exec setpriv --reuid=${uid} --regid=${uid} --clear-groups env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=${join(d, "home")} XDG_RUNTIME_DIR=${run} USER=${user} sh -c '` +
         `${podman} import ${tar} ${image} >/dev/null && ` +
         `exec ${podman} run --rm --cgroups=disabled --network=slirp4netns --dns=10.0.2.3 -v ${join(d, "inner.sh")}:/inner.sh:ro ${image} sh /inner.sh'`,
     ].join("\n"),
