@@ -152,11 +152,12 @@ function elementPlan(have: SetDef, want: SetDef, o: ReconcileOptions): ElementPl
     if (safeToDelete(k)) deletes.push(e);
     // else: it is about to expire on its own; a delete could abort the transaction.
   }
-  // Nothing to send and the kernel holds exactly what is wanted: keep the desired object, so the
-  // next reconcile sees the same object and skips it.
+  // After this transaction the kernel holds exactly what is wanted (every element, and each
+  // lifetime as wanted): the desired object describes it, so it is kept (no second copy of the
+  // set) and the next reconcile sees the same object and skips it.
   const same =
-    !deletes.length &&
-    !adds.length &&
+    afterElem.length === wantByKey.size &&
+    wantByKey.size === want.elem.length &&
     wakeAt === null &&
     Object.keys(afterExp).length === Object.keys(wantExp).length &&
     Object.entries(afterExp).every(([k, t]) => wantExp[k] === t);

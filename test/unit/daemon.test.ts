@@ -516,4 +516,72 @@ test("refused(): with the record off the table has no record sets and the answer
   }
 });
 
+test("memory: one copy of the table; the applied table is made of the services' compiled parts, and a change to one service leaves the others' objects as they were", async () => {
+  const h = await harness(FAST);
+  type Parts = { sets: object[]; chains: object[] };
+  type Inside = {
+    applied: { sets: object[]; chains: object[] } | null;
+    parts: Map<string, { parts: Parts }>;
+  };
+  const inside = () => h.daemon as unknown as Inside;
+  const shared = (svc: string) => {
+    const { applied, parts } = inside();
+    const p = parts.get(svc)?.parts;
+    assert.ok(applied && p, `${svc} compiled and applied`);
+    // Identity, not equality: a copy of the table (structuredClone, JSON round trip) fails here.
+    for (const s of p.sets) assert.ok(applied.sets.includes(s), `${svc}: a set is its own copy`);
+    for (const c of p.chains)
+      assert.ok(applied.chains.includes(c), `${svc}: a chain is its own copy`);
+    return p;
+  };
+  try {
+    for (const [name, user] of [
+      ["svc-a", 2001],
+      ["svc-b", 2002],
+    ] as const) {
+      await h.service({
+        name,
+        user,
+        dns: "system",
+        outbound: [
+          { host: "api.example.test", ports: "443" },
+          { host: "192.0.2.9", ports: "5432" },
+        ],
+      });
+    }
+    h.resolver.answers.set("api.example.test", { 4: ["192.0.2.1"], ttl: 30 });
+    await started(h);
+    // No batch or JSON text stays behind: no string in the daemon is longer than a digest or a
+    // name, right after the whole table was sent (several kilobytes).
+    const sent = Math.max(...h.nft.batches.map((b) => JSON.stringify(b).length));
+    assert.ok(sent > 1000, `the full batch is ${sent} characters`);
+    const seen = new Set<unknown>();
+    const longest = (v: unknown, depth: number): number => {
+      if (typeof v === "string") return v.length;
+      if (!v || typeof v !== "object" || seen.has(v) || depth > 12) return 0;
+      seen.add(v);
+      if (v === h.nft || v === h.resolver) return 0; // the fakes record what they were sent
+      const values = v instanceof Map ? [...v.keys(), ...v.values()] : Object.values(v);
+      return Math.max(0, ...values.map((x) => longest(x, depth + 1)));
+    };
+    assert.ok(longest(h.daemon, 0) < 300, "no batch or JSON text is kept");
+    await h.daemon.refresh();
+    shared("svc-a");
+    const b = shared("svc-b");
+
+    await h.service({
+      name: "svc-a",
+      user: 2001,
+      dns: "system",
+      outbound: [{ host: "192.0.2.10", ports: "80" }],
+    });
+    await h.daemon.applyService("svc-a");
+    assert.is(inside().parts.get("svc-b")?.parts, b, "svc-b's parts are the same objects");
+    shared("svc-a");
+    shared("svc-b");
+  } finally {
+    await h.done();
+  }
+});
+
 test.run();
