@@ -411,6 +411,20 @@ test("--json gives errors as data with a stable code", async () => {
   assert.match(out.error.message, 'invalid port "0"');
 });
 
+test("--json: a system error (exit 3) is one JSON error object too, with its code and hint", async () => {
+  for (const [args, code] of [
+    [["audit"], "ERR_EGRESS_NFT_MISSING"],
+    [["apply"], "ERR_EGRESS_NFT_MISSING"],
+    [["status"], "ERR_EGRESS_NOT_RUNNING"],
+  ] as const) {
+    const r = await run("--json", ...args);
+    assert.is(r.exitCode, 3, `${args.join(" ")}: ${r.stderr}`);
+    const out = JSON.parse(r.stdout) as { error: { code: string; hint: string } };
+    assert.is(out.error.code, code, args.join(" "));
+    assert.ok(out.error.hint, `${args.join(" ")} has a hint`);
+  }
+});
+
 test("a broken policy file stops apply with exit 2, naming the file and JSON path", async () => {
   const file = join(dir, "services.d", "svc-bad.json");
   writeFileSync(
