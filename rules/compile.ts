@@ -468,31 +468,35 @@ const DPORT = { payload: { protocol: "th", field: "dport" } };
 const REJECT: Expr = { reject: { type: "icmpx", expr: "admin-prohibited" } };
 
 /**
- * `ct direction original meta l4proto { tcp, udp } th dport 53 meta skuid @uid_dnsaware reject`:
+ * `th dport 53 meta l4proto { tcp, udp } ct direction original meta skuid @uid_dnsaware reject`:
  * a DNS-aware service's packet to port 53 that the nat chain did not redirect. NAT is decided on
  * a flow's first packet only, so this is a packet of a flow another socket opened (the same
  * addresses and ports, bound again): without this rule `ct state established` would accept it,
  * past the proxy, to the real resolver.
  */
 function unredirectedDnsRule(key: "skuid" | "skgid", set: string): Expr[] {
+  // Every packet of every flow passes here before `ct state established` accepts it: the port
+  // comes first, one load and compare that ends the rule for all but DNS packets (the protocol
+  // set lookup first cost the packet path a fifth of its rate).
   return [
-    ORIGINAL,
-    TCP_UDP,
     { match: { op: "==", left: DPORT, right: 53 } },
+    TCP_UDP,
+    ORIGINAL,
     { match: { op: "==", left: { meta: { key } }, right: `@${set}` } },
     REJECT,
   ];
 }
 
 /**
- * `ct direction original ct status dnat meta l4proto { tcp, udp } th dport @proxy_ports
+ * `ct status dnat ct direction original meta l4proto { tcp, udp } th dport @proxy_ports
  * meta skuid . th dport != @uid_proxyport meta skgid . th dport != @gid_proxyport reject`:
  * a packet redirected to a proxy port that is not its sender's own, the same way (a flow
  * another service opened, reused): it would be answered under that other service's policy.
  */
 const foreignProxyRule: Expr[] = [
-  ORIGINAL,
+  // dnat first: only redirected DNS is, so the rule ends there for every other packet.
   { match: { op: "in", left: { ct: { key: "status" } }, right: "dnat" } },
+  ORIGINAL,
   TCP_UDP,
   { match: { op: "==", left: DPORT, right: `@${PROXY_PORTS}` } },
   ...(["skuid", "skgid"] as const).map((key): Expr => ({

@@ -24,9 +24,9 @@ test("the output chain keeps DNS-aware services' DNS on their own proxy, checks 
     policy: "accept",
   });
   assert.equal(rules(r, "output"), [
-    "ct direction original meta l4proto { tcp, udp } th dport 53 meta skuid @uid_dnsaware reject with icmpx admin-prohibited",
-    "ct direction original meta l4proto { tcp, udp } th dport 53 meta skgid @gid_dnsaware reject with icmpx admin-prohibited",
-    "ct direction original ct status dnat meta l4proto { tcp, udp } th dport @proxy_ports meta skuid . th dport != @uid_proxyport meta skgid . th dport != @gid_proxyport reject with icmpx admin-prohibited",
+    "th dport 53 meta l4proto { tcp, udp } ct direction original meta skuid @uid_dnsaware reject with icmpx admin-prohibited",
+    "th dport 53 meta l4proto { tcp, udp } ct direction original meta skgid @gid_dnsaware reject with icmpx admin-prohibited",
+    "ct status dnat ct direction original meta l4proto { tcp, udp } th dport @proxy_ports meta skuid . th dport != @uid_proxyport meta skgid . th dport != @gid_proxyport reject with icmpx admin-prohibited",
     "ct direction reply meta skuid vmap @uid_serve",
     "ct direction reply meta skgid vmap @gid_serve",
     "ct state established,related accept",
