@@ -230,6 +230,19 @@ async function main(): Promise<void> {
     };
     if (!refused.entries.some((e) => e.address === ELSEWHERE && e.port === 443))
       throw new Error(`demo expectation failed: ${ELSEWHERE}:443 not in egressctl refused`);
+
+    say(
+      "The same through metrics: egressctl metrics prints what a Prometheus scrape gets (the histograms' _bucket lines left out here)",
+    );
+    const scrape = (await sb.egressctl("metrics")).stdout;
+    const shown = scrape
+      .trimEnd()
+      .split("\n")
+      .filter((l) => l !== "" && !l.includes("_bucket{"));
+    console.log("$ egressctl metrics");
+    console.log(indent(shown.join("\n")));
+    if (!/^egressd_service_refused_packets_total\{service="svc-demo"\} [1-9]/m.test(scrape))
+      throw new Error("demo expectation failed: svc-demo's refused packets are not in the metrics");
   } finally {
     say("Cleaning up: stopping egressd and deleting the namespaces");
     await daemon?.stop();
