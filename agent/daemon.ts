@@ -47,7 +47,7 @@ import { tableDigest, type Ruleset, type SetDef } from "../rules/ruleset.ts";
 import { parsePorts } from "../rules/target.ts";
 import type { PolicyStore } from "./store/policy-store.fs.ts";
 import { resolvePrincipals } from "./apply.ts";
-import { resolveAll, type Lookup, type Resolver } from "./dns/dns.client.ts";
+import { resolveAll, type Lookup, type Resolution, type Resolver } from "./dns/dns.client.ts";
 import { LearnedTable } from "./dns/learned.ts";
 import { clampTtl, FAMILIES, NameTable } from "./dns/names.ts";
 import type { LookedUpName, ProxyService, ProxyStats } from "./dns/proxy.sock.ts";
@@ -141,11 +141,15 @@ export interface ApplySummary {
 const MAX_TIMER = 2 ** 31 - 1;
 /** More changed service files than this are applied by one reload instead of one at a time. */
 const MAX_FILES_ONE_BY_ONE = 8;
+/**
+ * A scheduled refresh applies the answers that came back within this time in one transaction;
+ * a lookup still running then (a stalled resolver) is applied by itself when it ends.
+ */
+const REFRESH_WINDOW_MS = 250;
 
 /** applyService before any policy loaded: the whole policy has to be read. */
 class ChangeNeedsReload extends Error {}
 
-/** A number per policy object: a reloaded or changed policy is a new object, so a new number. */
 /** The domain names a policy allows (each policy object is read once). */
 const domainNamesOf = new WeakMap<ServicePolicy, string[]>();
 function domainNames(p: ServicePolicy): string[] {
@@ -154,6 +158,7 @@ function domainNames(p: ServicePolicy): string[] {
   return names;
 }
 
+/** A number per policy object: a reloaded or changed policy is a new object, so a new number. */
 const policyIds = new WeakMap<ServicePolicy, number>();
 let nextPolicyId = 0;
 function policyId(p: ServicePolicy): number {
@@ -989,67 +994,123 @@ export class Daemon {
     const table = this.names as NameTable;
     const waits: Promise<void>[] = [];
     const todo: Lookup[] = [];
+    const mine = new Map<string, { done: Promise<void>; settle: () => void }>();
     for (const x of lookups) {
-      const running = this.inflight.get(key(x));
-      if (running) waits.push(running);
-      else todo.push(x);
+      const k = key(x);
+      const running = this.inflight.get(k);
+      if (running) {
+        waits.push(running);
+        continue;
+      }
+      let settle = () => undefined as void;
+      const done = new Promise<void>((r) => (settle = r));
+      mine.set(k, { done, settle });
+      this.inflight.set(k, done);
+      waits.push(done);
+      todo.push(x);
     }
+    const finish = (x: Lookup) => {
+      const k = key(x);
+      const m = mine.get(k);
+      if (!m) return;
+      if (this.inflight.get(k) === m.done) this.inflight.delete(k);
+      m.settle();
+    };
     if (todo.length) {
-      const run = resolveAll(l.resolver, todo).then((results) => {
-        const now = this.deps.clock();
-        // Each refresh reads the host's addresses from the kernel again before it records its
-        // answers: an address added to an interface since is refused from this very answer
-        // (and shown in status as dropped), what the tables already hold is re-filtered.
-        this.rereadHost();
-        for (const { name, family, result } of results) {
-          if (!table.has(name)) continue; // revoked while we were asking
-          table.observe(name, family, result, now);
-          const st = table.get(name)?.[family];
-          if (!result.ok) {
-            this.deps.log.warn(
-              {
-                code: "ERR_EGRESS_DNS",
-                name,
-                family: family === 4 ? "A" : "AAAA",
-                services: this.servicesOf(name),
-                dns: result.code,
-                error: result.message,
-                keeping: result.code === "NXDOMAIN" ? [] : st?.current,
-                retryAt: st?.nextRefresh,
-              },
-              result.code === "NXDOMAIN"
-                ? `${name}: NXDOMAIN; its addresses go after the grace period`
-                : `${name} ${family === 4 ? "A" : "AAAA"}: ${result.code}; keeping the last-known addresses`,
-            );
-          } else if (st?.dropped.length) {
-            this.logDropped(st.dropped.map((d) => ({ ...d, name })));
+      // Each answer is recorded as it arrives, so a stalled lookup holds back no other name.
+      // The host's addresses are read from the kernel again before the first answer of the
+      // batch is recorded: an address added to an interface since is refused from this very
+      // answer (and shown in status as dropped), what the tables already hold is re-filtered.
+      let hostRead = false;
+      const record = ({ name, family, result }: Lookup & { result: Resolution }) => {
+        try {
+          if (!hostRead) {
+            hostRead = true;
+            this.rereadHost();
           }
+          if (table.has(name)) this.recordAnswer(table, name, family, result); // else revoked meanwhile
+        } catch (err) {
+          this.deps.log.error({ err: String(err), name }, "recording a DNS answer failed");
+        } finally {
+          finish({ name, family });
         }
-      });
-      const settled = run.catch((err: unknown) => {
-        this.deps.log.error({ err: String(err) }, "DNS resolution failed unexpectedly");
-      });
-      for (const x of todo) this.inflight.set(key(x), settled);
-      void settled.finally(() => {
-        for (const x of todo)
-          if (this.inflight.get(key(x)) === settled) this.inflight.delete(key(x));
-      });
-      waits.push(settled);
+      };
+      void resolveAll(l.resolver, todo, 64, record)
+        .catch((err: unknown) => {
+          this.deps.log.error({ err: String(err) }, "DNS resolution failed unexpectedly");
+        })
+        .finally(() => todo.forEach(finish));
     }
     return Promise.all(waits).then(() => undefined);
   }
 
-  /** Resolves what is due, then applies the difference. */
+  /** Records one answer in the name table, and logs a failure or the addresses it dropped. */
+  private recordAnswer(
+    table: NameTable,
+    name: string,
+    family: Lookup["family"],
+    result: Resolution,
+  ): void {
+    table.observe(name, family, result, this.deps.clock());
+    const st = table.get(name)?.[family];
+    if (!result.ok) {
+      this.deps.log.warn(
+        {
+          code: "ERR_EGRESS_DNS",
+          name,
+          family: family === 4 ? "A" : "AAAA",
+          services: this.servicesOf(name),
+          dns: result.code,
+          error: result.message,
+          keeping: result.code === "NXDOMAIN" ? [] : st?.current,
+          retryAt: st?.nextRefresh,
+        },
+        result.code === "NXDOMAIN"
+          ? `${name}: NXDOMAIN; its addresses go after the grace period`
+          : `${name} ${family === 4 ? "A" : "AAAA"}: ${result.code}; keeping the last-known addresses`,
+      );
+    } else if (st?.dropped.length) {
+      this.logDropped(st.dropped.map((d) => ({ ...d, name })));
+    }
+  }
+
+  /** Starts resolving `lookups` and waits for them at most `ms`; `finished` says whether they all ended. */
+  private async resolveWithin(
+    lookups: readonly Lookup[],
+    ms: number,
+  ): Promise<{ finished: boolean; resolution: Promise<void> }> {
+    let finished = !lookups.length;
+    const resolution = this.resolve(lookups).then(() => {
+      finished = true;
+    });
+    if (!finished) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([resolution, new Promise<void>((r) => (timer = setTimeout(r, ms)))]);
+      clearTimeout(timer);
+    }
+    return { finished, resolution };
+  }
+
+  /**
+   * Resolves what is due (and not already being asked), then applies the difference: the
+   * answers back within REFRESH_WINDOW_MS in one transaction; lookups still running then (a
+   * slow or stalled resolver) in another when they end, so they hold back no other name.
+   */
   private async refreshDue(): Promise<void> {
     if (!this.loaded || !this.names || this.stopped) return;
-    const due = this.names.dueForRefresh(this.deps.clock());
-    if (due.length) await this.resolve(due);
-    await this.serial(() => this.commit()).then(
-      () => {
-        if (due.length) this.lastRefresh = this.deps.clock();
-      },
-      () => undefined,
-    );
+    const due = this.names
+      .dueForRefresh(this.deps.clock())
+      .filter((x) => !this.inflight.has(key(x)));
+    const { finished, resolution } = await this.resolveWithin(due, REFRESH_WINDOW_MS);
+    const commit = () =>
+      this.serial(() => this.commit()).then(
+        () => {
+          if (due.length) this.lastRefresh = this.deps.clock();
+        },
+        () => undefined,
+      );
+    await commit();
+    if (!finished) void resolution.then(commit).finally(() => this.schedule());
   }
 
   /**
@@ -1058,18 +1119,7 @@ export class Daemon {
    */
   private async resolveThenCommit(lookups: readonly Lookup[]): Promise<ApplySummary> {
     const config = (this.loaded as Loaded).config;
-    let finished = !lookups.length;
-    const resolution = this.resolve(lookups).then(() => {
-      finished = true;
-    });
-    if (!finished) {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([
-        resolution,
-        new Promise<void>((r) => (timer = setTimeout(r, controlWaitMs(config)))),
-      ]);
-      clearTimeout(timer);
-    }
+    const { finished, resolution } = await this.resolveWithin(lookups, controlWaitMs(config));
     const summary = await this.serial(() => this.commit());
     if (finished && lookups.length) this.lastRefresh = summary.at;
     if (finished) return summary;
@@ -1113,6 +1163,8 @@ export class Daemon {
    */
   async applyService(name: string, origin: "control" | "watch" = "control"): Promise<ApplySummary> {
     const file = this.deps.store.serviceFile(name);
+    // What to go back to if the kernel refuses the change.
+    let before: { loaded: Loaded; known: string | undefined; next: Loaded } | null = null;
     const added = await this.serial(async () => {
       const l = this.loaded;
       if (!l || !this.names) throw new ChangeNeedsReload();
@@ -1134,6 +1186,7 @@ export class Daemon {
         matchers.delete(name);
         if (policy?.dns === "proxy") matchers.set(name, nameMatcher(policy));
         this.loaded = { ...l, policies, services, matchers };
+        before = { loaded: l, known: this.known.get(file), next: this.loaded };
         this.known.set(file, store.digests.get(file) ?? "");
         this.policyErrors.delete(file);
         this.armLearning();
@@ -1160,12 +1213,43 @@ export class Daemon {
       throw err;
     });
     if (added === null) return this.reload();
-    const summary = await this.resolveThenCommit(NameTable.lookups(added));
+    let summary: ApplySummary;
+    try {
+      summary = await this.resolveThenCommit(NameTable.lookups(added));
+    } catch (err) {
+      await this.unloadRefused(file, before, origin === "watch" ? err : null);
+      throw err;
+    }
     this.deps.log.info(
       { service: name, kind: summary.kind, changes: summary.changes },
       "policy applied",
     );
     return summary;
+  }
+
+  /**
+   * The kernel refused a service's change: the daemon goes back to the policy the kernel holds,
+   * so no later refresh applies the refused one behind the operator's back. egressctl puts the
+   * old file back; a file edited by hand stays on disk, shown as unapplied (with the reason)
+   * in status and the audit until it changes again or a reload applies it.
+   */
+  private async unloadRefused(
+    file: string,
+    before: { loaded: Loaded; known: string | undefined; next: Loaded } | null,
+    err: unknown,
+  ): Promise<void> {
+    if (!before) return;
+    const b = before;
+    await this.serial(async () => {
+      if (this.loaded !== b.next) return; // something newer was loaded since
+      this.loaded = b.loaded;
+      if (b.known === undefined) this.known.delete(file);
+      else this.known.set(file, b.known);
+      if (err instanceof EgressError) this.policyErrors.set(file, err); // a hand edit: say why
+      this.armLearning();
+      this.names?.track(this.policyNames(), this.deps.clock());
+      await this.syncProxies();
+    });
   }
 
   /**
@@ -1282,7 +1366,9 @@ export class Daemon {
     // Not during start(): it enforces the saved state without a DNS query; begin() arms the timer.
     if (this.stopped || !this.begun || !this.names) return;
     const now = this.deps.clock();
-    const candidates = [this.names.nextEvent(now), this.wakeAt].filter(
+    // A lookup still running is not due again: its end applies it and re-arms this timer.
+    const asking = (x: Lookup) => this.inflight.has(key(x));
+    const candidates = [this.names.nextEvent(now, asking), this.wakeAt].filter(
       (t): t is number => t !== null,
     );
     if (!candidates.length) return;

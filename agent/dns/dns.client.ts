@@ -153,17 +153,23 @@ export interface Lookup {
   family: Family;
 }
 
-/** Resolves each (name, family) once, at most `concurrency` at a time. */
+/**
+ * Resolves each (name, family) once, at most `concurrency` at a time. `onResult` sees each
+ * result as it arrives (one stalled lookup holds back nobody else's); it must not throw.
+ */
 export async function resolveAll(
   resolver: Resolver,
   lookups: Iterable<Lookup>,
   concurrency = 64,
+  onResult?: (r: Lookup & { result: Resolution }) => void,
 ): Promise<(Lookup & { result: Resolution })[]> {
   const queue = [...lookups];
   const out: (Lookup & { result: Resolution })[] = [];
   const worker = async () => {
     for (let l = queue.shift(); l !== undefined; l = queue.shift()) {
-      out.push({ ...l, result: await resolver.resolve(l.name, l.family) });
+      const r = { ...l, result: await resolver.resolve(l.name, l.family) };
+      out.push(r);
+      onResult?.(r);
     }
   };
   await Promise.all(Array.from({ length: Math.min(concurrency, queue.length) }, worker));

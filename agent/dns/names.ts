@@ -251,13 +251,16 @@ export class NameTable {
     return [...names].flatMap((name) => FAMILIES.map((family) => ({ name, family })));
   }
 
-  /** The next moment anything changes on its own: a refresh falls due or an address's grace ends. */
-  nextEvent(now: number): number | null {
+  /**
+   * The next moment anything changes on its own: a refresh falls due or an address's grace
+   * ends. Refreshes of lookups `skip` names (those being asked now) do not count.
+   */
+  nextEvent(now: number, skip?: (l: Lookup) => boolean): number | null {
     let next = Infinity;
-    for (const st of this.names.values()) {
+    for (const [name, st] of this.names) {
       for (const f of FAMILIES) {
         const fam = st[f];
-        next = Math.min(next, fam.nextRefresh);
+        if (!skip?.({ name, family: f })) next = Math.min(next, fam.nextRefresh);
         const current = new Set(fam.current);
         for (const [addr, until] of Object.entries(fam.until)) {
           if (!current.has(addr) && until > now) next = Math.min(next, until);

@@ -584,4 +584,115 @@ test("memory: one copy of the table; the applied table is made of the services' 
   }
 });
 
+test("a change the kernel refuses is not reported, and no later refresh applies it: status and the generation stay on the policy the kernel holds", async () => {
+  const h = await harness(FAST);
+  type Status = { services: { name: string; outbound: number }[]; daemon: { lastError: unknown } };
+  const outbound = async () =>
+    ((await h.daemon.status()) as Status).services.map((s) => [s.name, s.outbound]);
+  try {
+    await h.service({
+      name: "svc-web",
+      user: 2001,
+      dns: "system",
+      outbound: [{ host: "192.0.2.1", ports: "443" }],
+    });
+    await started(h);
+    assert.equal(await outbound(), [["svc-web", 1]]);
+    const generation = h.daemon.generation;
+    const sent = h.nft.batches.length;
+
+    // The file changes; the kernel refuses the transaction (and the retry from a fresh listing).
+    await h.service({
+      name: "svc-web",
+      user: 2001,
+      dns: "system",
+      outbound: [
+        { host: "192.0.2.1", ports: "443" },
+        { host: "198.51.100.7", ports: "443" },
+      ],
+    });
+    h.nft.fail = true;
+    const refused = await h.daemon.applyService("svc-web").then(
+      () => null,
+      (e: Error) => e.message,
+    );
+    assert.match(String(refused), /fake nft refuses/);
+    assert.equal(await outbound(), [["svc-web", 1]], "status shows what the kernel holds");
+    assert.is(h.daemon.generation, generation, "no new generation for a policy not applied");
+    assert.is(h.nft.batches.length, sent, "nothing reached the kernel");
+
+    // The kernel works again: the next commit (a refresh) does not apply the refused policy
+    // behind the operator's back.
+    h.nft.fail = false;
+    await h.daemon.refresh();
+    assert.not.ok(
+      h.nft.commands().some((c) => c.includes("198.51.100.7")),
+      "the refused change stays out of the kernel",
+    );
+    assert.equal(await outbound(), [["svc-web", 1]]);
+
+    // Applied again, the kernel takes it: now status and the generation move.
+    await h.daemon.applyService("svc-web");
+    assert.equal(await outbound(), [["svc-web", 2]]);
+    assert.is(h.daemon.generation, generation + 1);
+    assert.ok(
+      h.nft.commands().some((c) => c.includes("198.51.100.7")),
+      "the new address went to the kernel",
+    );
+  } finally {
+    await h.done();
+  }
+});
+
+test("a stalled lookup holds back no other name: a refresh applies the answers that came back, the stalled one when it ends", async () => {
+  const h = await harness({ ...FAST, dns: { queryTimeoutMs: 100 } });
+  try {
+    await h.service({
+      name: "svc-web",
+      user: 2001,
+      dns: "system",
+      outbound: [
+        { host: "api.example.test", ports: "443" },
+        { host: "slow.example.test", ports: "443" },
+      ],
+    });
+    h.resolver.answers.set("api.example.test", { 4: ["192.0.2.1"], ttl: 1 });
+    h.resolver.answers.set("slow.example.test", { 4: ["192.0.2.9"], ttl: 1 });
+    await started(h);
+    await h.daemon.refresh();
+    h.daemon.begin(); // the refresh timer runs from here on, as in egressd
+    await settle();
+    // Both names fall due together; one of them now stalls (its resolver never answers).
+    h.resolver.stall.add("slow.example.test");
+    h.resolver.answers.set("api.example.test", { 4: ["192.0.2.2"], ttl: 1 });
+    h.clock.now += sec(2);
+    const before = h.nft.batches.length;
+    let hang: NodeJS.Timeout | undefined;
+    const ended = await Promise.race([
+      h.daemon.housekeep().then(() => true),
+      new Promise<boolean>((r) => (hang = setTimeout(() => r(false), 5000))),
+    ]);
+    clearTimeout(hang);
+    assert.ok(ended, "the refresh ended though a lookup is still running");
+    assert.ok(
+      h.nft
+        .commands()
+        .slice(before)
+        .some((c) => c.includes("192.0.2.2")),
+      "the answer that came back is in the kernel while the other lookup is still running",
+    );
+    const calls = h.resolver.calls.length;
+    // The stalled lookup is not asked again while it runs, and does not spin the timer.
+    const d = h.daemon as unknown as { refreshDue: () => Promise<void> };
+    const refreshDue = d.refreshDue.bind(h.daemon);
+    let wakes = 0;
+    d.refreshDue = () => (wakes++, refreshDue());
+    await new Promise((r) => setTimeout(r, 300));
+    assert.is(h.resolver.calls.length, calls, "no lookup asked twice while it runs");
+    assert.ok(wakes <= 1, `the refresh timer woke ${wakes} times in 300 ms`);
+  } finally {
+    await h.done();
+  }
+});
+
 test.run();
