@@ -1489,6 +1489,8 @@ export class Daemon {
                   queriesRefused: proxy?.refused ?? 0,
                   queriesFailed: proxy?.failed ?? 0,
                   lastRefused: proxy?.lastRefused ?? [],
+                  addressesRemoved: proxy?.addressesRemoved ?? 0,
+                  lastRemoved: proxy?.lastRemoved ?? [],
                   learned: this.learned?.count(s.policy.name) ?? 0,
                 }
               : {}),

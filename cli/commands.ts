@@ -608,6 +608,8 @@ interface StatusData {
       queriesRefused?: number;
       queriesFailed?: number;
       lastRefused?: { name: string; at: number }[];
+      addressesRemoved?: number;
+      lastRemoved?: { name: string; address: string; reason: string }[];
       learned?: number;
     };
     refused: { packets: number; bytes: number } | null;
@@ -676,6 +678,11 @@ function statusText(s: StatusData): string {
           ? `  dns proxy on port ${dns.proxyPort}: ${dns.queriesAllowed ?? 0} allowed, ${dns.queriesRefused ?? 0} refused${last}, ${dns.queriesFailed ?? 0} failed; ${dns.learned ?? 0} learned address(es)`
           : "  dns proxy NOT listening: its lookups fail (see the log for why)",
       );
+      const removed = dns.lastRemoved?.[0];
+      if (dns.addressesRemoved && removed)
+        lines.push(
+          `  dns answers: ${dns.addressesRemoved} refused address(es) removed (last: ${removed.name} ${removed.address}, ${removed.reason})`,
+        );
     } else if (dns) lines.push(`  dns ${dns.mode}`);
     for (const r of svc.inbound)
       lines.push(`  in  ${r.ports}/${r.protocol} from ${r.from?.join(", ") || "anywhere"}`);

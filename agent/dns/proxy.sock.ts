@@ -55,6 +55,10 @@ export interface ProxyStats {
   failed: number;
   /** The last refused names, newest first. */
   lastRefused: { name: string; type: number; at: number }[];
+  /** Addresses taken out of answers because the address filter refuses them. */
+  addressesRemoved: number;
+  /** The last ones, newest first. */
+  lastRemoved: { name: string; address: string; reason: string; at: number }[];
 }
 
 const LAST_REFUSED = 10;
@@ -144,7 +148,14 @@ export class DnsProxy {
     const l: Listener = {
       port,
       service,
-      stats: { allowed: 0, refused: 0, failed: 0, lastRefused: [] },
+      stats: {
+        allowed: 0,
+        refused: 0,
+        failed: 0,
+        lastRefused: [],
+        addressesRemoved: 0,
+        lastRemoved: [],
+      },
       logged: new Map(),
       lookedUp: new Map(),
       servers: {
@@ -211,15 +222,35 @@ export class DnsProxy {
     l.stats.refused += 1;
     l.stats.lastRefused.unshift({ name, type, at: now });
     l.stats.lastRefused.length = Math.min(l.stats.lastRefused.length, LAST_REFUSED);
-    const key = name;
-    if ((l.logged.get(key) ?? 0) > now - LOG_EVERY_MS) return;
-    l.logged.set(key, now);
-    if (l.logged.size > 1000) l.logged.clear();
+    if (!this.logNow(l, `refused ${name}`)) return;
     this.deps.log.warn(
       { code: "ERR_EGRESS_DNS_REFUSED", service: l.service.name, name, type, audit },
       audit
         ? `${l.service.name} looked up ${name}, which it may not (audit mode: would refuse; answered)`
         : `${l.service.name} may not look up ${name}: answered ${this.deps.unlisted() === "refused" ? "REFUSED" : "NXDOMAIN"}, not forwarded`,
+    );
+  }
+
+  /** Whether to log `key` now: at most once per LOG_EVERY_MS per service (bounded memory). */
+  private logNow(l: Listener, key: string): boolean {
+    const now = this.deps.clock();
+    if ((l.logged.get(key) ?? 0) > now - LOG_EVERY_MS) return false;
+    l.logged.set(key, now);
+    if (l.logged.size > 1000) l.logged.clear();
+    return true;
+  }
+
+  /** Counts and shows (status) the addresses taken out of an answer; logs them once a minute per name. */
+  private removedAddresses(l: Listener, name: string, dropped: readonly Dropped[]): void {
+    const now = this.deps.clock();
+    l.stats.addressesRemoved += dropped.length;
+    for (const d of dropped)
+      l.stats.lastRemoved.unshift({ name, address: d.address, reason: d.reason, at: now });
+    l.stats.lastRemoved.length = Math.min(l.stats.lastRemoved.length, LAST_REFUSED);
+    if (!this.logNow(l, `removed ${name}`)) return;
+    this.deps.log.warn(
+      { code: "ERR_EGRESS_ADDRESS_REFUSED", service: l.service.name, name, dropped },
+      `${l.service.name}: ${name}: removed ${dropped.length} refused address(es) from the answer`,
     );
   }
 
@@ -286,15 +317,7 @@ export class DnsProxy {
       if (found.addresses.length) {
         const f = this.deps.filter(found.addresses);
         if (f.dropped.length) {
-          this.deps.log.warn(
-            {
-              code: "ERR_EGRESS_ADDRESS_REFUSED",
-              service: service.name,
-              name,
-              dropped: f.dropped,
-            },
-            `${service.name}: ${name}: removed ${f.dropped.length} refused address(es) from the answer`,
-          );
+          this.removedAddresses(l, name, f.dropped);
           out = withoutAddresses(answer, new Set(f.dropped.map((d) => d.address)));
         }
         try {

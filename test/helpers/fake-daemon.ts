@@ -187,6 +187,8 @@ export interface Harness {
   /** The host's own addresses, as the kernel would list them now (tests add to it). */
   host: Set<string>;
   logs: { msg: string; [k: string]: unknown }[];
+  /** The host's name-service settings status reads (null: no nsswitch.conf). */
+  nameService: { nsswitch: string; nscdRunning: boolean } | null;
   /** Writes a service policy (validated) into the config dir. */
   service(doc: Record<string, unknown>): Promise<void>;
   done(): Promise<void>;
@@ -210,6 +212,7 @@ export async function harness(config: Record<string, unknown> = {}): Promise<Har
   const doc = { resolvers: ["127.0.0.1:53"], ...config };
   validateConfig(doc, "egressd.json"); // a typo in a test's config fails here, loudly
   writeFileSync(join(dir, "etc", "egressd.json"), JSON.stringify(doc));
+  let nameService: Harness["nameService"] = null;
   const daemon = new Daemon({
     store,
     state: new StateStore(join(dir, "state")),
@@ -220,8 +223,18 @@ export async function harness(config: Record<string, unknown> = {}): Promise<Har
     hostAddresses: () => new Set(host),
     log,
     proxies,
+    nameService: async () => {
+      if (!nameService) throw new Error("ENOENT: no nsswitch.conf");
+      return nameService;
+    },
   });
   return {
+    get nameService() {
+      return nameService;
+    },
+    set nameService(v) {
+      nameService = v;
+    },
     daemon,
     nft,
     resolver,

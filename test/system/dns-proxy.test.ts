@@ -14,7 +14,7 @@ import {
   type Records,
   type Sandbox,
 } from "../helpers/sandbox.ts";
-import { API4, AUDIT_UID, SVC_UID, UNMANAGED_UID, WORLD } from "./world.ts";
+import { API4, AUDIT_UID, METADATA, SVC_UID, UNMANAGED_UID, WORLD } from "./world.ts";
 
 const test = suite("DNS-aware mode: the proxy answers allowed names, after the kernel allows them");
 
@@ -27,6 +27,7 @@ const EVIL = "198.51.100.40";
 const HINT = "198.51.100.50";
 const ONE = "198.51.100.60";
 const HOLD = "198.51.100.71";
+const MIXED = "198.51.100.80";
 
 const RECORDS: Records = {
   ...WORLD.records,
@@ -39,15 +40,21 @@ const RECORDS: Records = {
   "txt.example.test": { TXT: "v=hello", ttl: 60 },
   "one.example.test": { A: [ONE], ttl: 60 },
   "x.hold.example.test": { A: [HOLD], ttl: 1 },
+  // One good address among three the filter refuses: cloud metadata, loopback, metadata in NAT64.
+  "x.mixed.example.test": {
+    A: [MIXED, METADATA, "127.0.0.2"],
+    AAAA: ["64:ff9b::a9fe:a9fe"],
+    ttl: 60,
+  },
 };
 
 const tcp = (host: string, port = 443) => ({ proto: "tcp" as const, host, port });
 const PROXY_WORLD = {
   ...WORLD,
-  addresses: [...WORLD.addresses, ...ROT, CDN_A, CDN_BC, CDN_APEX, EVIL, HINT, ONE, HOLD],
+  addresses: [...WORLD.addresses, ...ROT, CDN_A, CDN_BC, CDN_APEX, EVIL, HINT, ONE, HOLD, MIXED],
   listen: [
     ...WORLD.listen,
-    ...[...ROT, CDN_A, CDN_BC, CDN_APEX, EVIL, HINT, ONE].map((h) => tcp(h)),
+    ...[...ROT, CDN_A, CDN_BC, CDN_APEX, EVIL, HINT, ONE, MIXED].map((h) => tcp(h)),
     { proto: "tcp-echo" as const, host: HOLD, port: 7000 },
   ],
   records: RECORDS,
@@ -77,6 +84,8 @@ interface DnsStatus {
   queriesAllowed: number;
   queriesRefused: number;
   lastRefused: { name: string }[];
+  addressesRemoved: number;
+  lastRemoved: { name: string; address: string; reason: string }[];
   learned: number;
 }
 async function dnsStatus(sb: Sandbox, service: string): Promise<DnsStatus> {
@@ -356,6 +365,46 @@ test("switching a service to DNS-aware mode also catches the UDP DNS flow it alr
     await sb.ok("register", "svc-web", "--user", String(SVC_UID), "--dns", "proxy");
     // The same 5-tuple again: without the conntrack flush it would still reach the resolver.
     assert.is(await one(sb, SVC_UID, sameFlow), "NXDOMAIN:");
+  });
+});
+
+test("an answer loses the addresses the filter refuses (metadata, loopback, IPv4 inside IPv6): the service never gets or reaches them, status counts them, the log says it once", async () => {
+  await withSandbox(PROXY_WORLD, async (sb) => {
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID));
+    // A wildcard: the refresh loop never asks it, so only the proxy's path sees the answer.
+    await sb.ok("allow", "svc-web", "*.mixed.example.test:443", "*.mixed.example.test:80");
+    const d = await sb.startDaemon();
+    assert.is(await one(sb, SVC_UID, ask("x.mixed.example.test")), `NOERROR:${MIXED}`);
+    assert.is(await one(sb, SVC_UID, ask("x.mixed.example.test", { qtype: "AAAA" })), "NOERROR:");
+    assert.is(await one(sb, SVC_UID, ask("x.mixed.example.test")), `NOERROR:${MIXED}`);
+    assert.is(
+      sb.dnsLog().filter((l) => l === "x.mixed.example.test A").length,
+      2,
+      "asked upstream",
+    );
+    assert.is(await sb.try1(SVC_UID, "tcp", MIXED, 443), "connected");
+    assert.is.not(
+      await sb.try1(SVC_UID, "tcp", METADATA, 80),
+      "connected",
+      "metadata stays refused",
+    );
+    assert.not.match(await setText(sb, "s_svc_web_tcp80_4"), METADATA);
+
+    const st = await dnsStatus(sb, "svc-web");
+    assert.is(st.addressesRemoved, 5, "two from each A answer, one from the AAAA answer");
+    assert.equal(
+      st.lastRemoved.slice(0, 3).map((r) => r.address),
+      ["127.0.0.2", "169.254.169.254", "64:ff9b::a9fe:a9fe"],
+      JSON.stringify(st.lastRemoved),
+    );
+    assert.match(
+      await sb.ok("status", "svc-web"),
+      "dns answers: 5 refused address(es) removed (last: x.mixed.example.test 127.0.0.2, loopback",
+    );
+    const logged = d.lines.filter(
+      (l) => l.code === "ERR_EGRESS_ADDRESS_REFUSED" && l.service === "svc-web",
+    );
+    assert.is(logged.length, 1, "once a minute per name, however often it is asked");
   });
 });
 

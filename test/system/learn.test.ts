@@ -138,4 +138,39 @@ test("a DNS-aware service's lookups and connections become an allowlist of names
   });
 });
 
+test("learn --stop ends the window: what audit mode let through is refused again, the policy file is as before", async () => {
+  await withSandbox(LEARN_WORLD, async (sb) => {
+    await sb.ok("register", "svc-web", "--user", String(SVC_UID), "--dns", "proxy");
+    await sb.ok("allow", "svc-web", "api.example.test:443");
+    const before = await sb.ok("--json", "list", "svc-web");
+    await sb.startDaemon();
+    assert.match(await sb.ok("learn", "svc-web"), "no --for given: it learns until");
+    const during = await sb.probe(SVC_UID, [connect(DB, 5432)]);
+    assert.is(during[0]?.result, "connected", "audit mode lets it through while learning");
+
+    assert.match(
+      await sb.ok("learn", "svc-web", "--stop"),
+      "svc-web: learning stopped; enforced in enforce mode",
+    );
+    assert.is(
+      await sb.ok("--json", "list", "svc-web"),
+      before,
+      "the window is gone, nothing added",
+    );
+    const after = await sb.probe(SVC_UID, [
+      connect(DB, 5432),
+      resolveConnect("api.example.test", 443),
+    ]);
+    assert.equal(
+      after.map((r) => r.result),
+      ["ECONNREFUSED", "ok:1/1"],
+      "enforced again: the unlisted destination is refused, the allowed name still works",
+    );
+    assert.match(
+      await sb.ok("learn", "svc-web", "--stop"),
+      "svc-web is not learning; nothing changed",
+    );
+  });
+});
+
 test.run();

@@ -4,7 +4,7 @@
  * service that leave the others' objects (and counters) alone.
  */
 import { spawn } from "node:child_process";
-import { readFileSync, writeFileSync } from "node:fs";
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
@@ -138,6 +138,21 @@ test("egressd --once and egressctl apply go through a running daemon instead of 
     assert.is(await sb.try1(SVC_UID, "tcp", DB, 5432), "connected");
     assert.match(await sb.ok("apply"), "egressd");
     assert.is(d.child.exitCode, null);
+
+    // Its control socket gone (removed by hand): the one-shot paths find the daemon's lock and
+    // refuse, exit 3 naming its pid, before touching the kernel.
+    const table = await sb.nft("-a", "list", "table", "inet", "egressd");
+    rmSync(sb.socket);
+    const refused = await sb.egressctl("--json", "apply");
+    assert.is(refused.exitCode, 3, refused.stdout + refused.stderr);
+    const err = JSON.parse(refused.stdout) as { error: { code: string; message: string } };
+    assert.is(err.error.code, "ERR_EGRESS_RUNNING");
+    assert.match(err.error.message, `egressd (pid ${d.child.pid}) is running`);
+    const once2 = await sb.exec(process.execPath, [EGRESSD, ...sb.pathFlags, "--once"]);
+    assert.is(once2.exitCode, 3, once2.stdout + once2.stderr);
+    assert.match(once2.stderr + once2.stdout, "ERR_EGRESS_RUNNING");
+    assert.is(await sb.nft("-a", "list", "table", "inet", "egressd"), table, "nothing changed");
+    assert.is(d.child.exitCode, null, "the daemon runs on");
   });
 });
 

@@ -159,6 +159,14 @@ test("unix socket and TCP: every family parses, the refused counter moves, a rel
     // Bound exactly there: not on the namespace's other addresses.
     const other = await sb.exec("curl", ["-sS", "--max-time", "3", "http://[::1]:9464/metrics"]);
     assert.is.not(other.exitCode, 0, "not listening on ::1");
+
+    // Off by default: a config without "metrics" closes the endpoint; egressctl metrics still answers.
+    sb.writeConfig({ ...WORLD.config });
+    d.child.kill("SIGHUP");
+    await d.waitFor((l) => l.msg === "metrics endpoint closed");
+    const gone = await sb.exec("curl", ["-sS", "--max-time", "3", "http://127.0.0.1:9464/metrics"]);
+    assert.is.not(gone.exitCode, 0, "nothing listens once metrics.listen is gone");
+    assert.ok(byName(await sb.ok("metrics")).has("egressd_policy_generation"));
   });
 });
 

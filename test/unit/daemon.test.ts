@@ -12,6 +12,13 @@ const test = suite("the daemon, with every effect faked");
 
 const sec = (n: number) => n * 1000;
 const FAST = { refresh: { minTtlSeconds: 1, maxTtlSeconds: 60, graceSeconds: 0 } };
+/** svc-web (uid 2001) in DNS mode `dns`, allowed one literal address. */
+const svcWeb = (dns: "proxy" | "system" | "none") => ({
+  name: "svc-web",
+  user: 2001,
+  dns,
+  outbound: [{ host: "198.51.100.1", ports: "443" }],
+});
 
 async function settle(): Promise<void> {
   for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
@@ -259,12 +266,7 @@ test("when the kernel refuses learned addresses, every waiting answer fails (the
 test("a control request answers within its deadline and names what is still resolving", async () => {
   const h = await harness({ ...FAST, dns: { queryTimeoutMs: 100 } });
   try {
-    await h.service({
-      name: "svc-web",
-      user: 2001,
-      dns: "system",
-      outbound: [{ host: "198.51.100.1", ports: "443" }],
-    });
+    await h.service(svcWeb("system"));
     await started(h);
     await h.service({
       name: "svc-web",
@@ -690,6 +692,33 @@ test("a stalled lookup holds back no other name: a refresh applies the answers t
     await new Promise((r) => setTimeout(r, 300));
     assert.is(h.resolver.calls.length, calls, "no lookup asked twice while it runs");
     assert.ok(wakes <= 1, `the refresh timer woke ${wakes} times in 300 ms`);
+  } finally {
+    await h.done();
+  }
+});
+
+test("status warns when the host's name service would route a DNS-aware service's lookups around its proxy, and only then", async () => {
+  const h = await harness(FAST);
+  try {
+    await h.service(svcWeb("system"));
+    await started(h);
+    const warnings = async () =>
+      ((await h.daemon.status()) as { daemon: { warnings: string[] } }).daemon.warnings;
+    const fedora = "hosts: files myhostname resolve [!UNAVAIL=return] dns\n";
+    h.nameService = { nsswitch: fedora, nscdRunning: false };
+    assert.equal(await warnings(), [], "no DNS-aware service: nothing to bypass");
+
+    await h.service(svcWeb("proxy"));
+    await h.daemon.applyService("svc-web");
+    const [w, ...rest] = await warnings();
+    assert.match(w ?? "", "systemd-resolved");
+    assert.equal(rest, []);
+    h.nameService = { nsswitch: "hosts: files dns\n", nscdRunning: true };
+    assert.match((await warnings()).join("\n"), "nscd is running");
+    h.nameService = { nsswitch: "hosts: files dns\n", nscdRunning: false };
+    assert.equal(await warnings(), [], "Debian's default");
+    h.nameService = null;
+    assert.equal(await warnings(), [], "no nsswitch.conf: nothing to warn about, no error");
   } finally {
     await h.done();
   }
