@@ -201,7 +201,7 @@ async function daemon(sb: Sandbox, env: Record<string, string>, profile?: string
   );
   const d = new Daemon(child);
   try {
-    await d.waitFor((l) => l.msg === "control socket ready", 120_000);
+    await d.waitFor((l) => l.msg === "ready", 120_000);
   } catch (err) {
     await d.stop("SIGKILL");
     throw err;

@@ -230,14 +230,24 @@ export function filterAddresses(
     if (reason) dropped.push({ address: classify(a)?.address ?? a, reason });
     else kept.add(classify(a)?.address as string);
   }
-  return { kept: [...kept].sort(compareAddresses), dropped };
+  return { kept: sortAddresses(kept), dropped };
 }
 
-/** IPv4 before IPv6, then numerically. */
-export function compareAddresses(a: string, b: string): number {
-  const pa = parseNet(a);
-  const pb = parseNet(b);
+type Parsed = ReturnType<typeof parseNet>;
+
+function compareParsed(a: string, pa: Parsed, b: string, pb: Parsed): number {
   if ("error" in pa || "error" in pb) return a < b ? -1 : a > b ? 1 : 0;
   if (pa.family !== pb.family) return pa.family - pb.family;
   return pa.range.lo < pb.range.lo ? -1 : pa.range.lo > pb.range.lo ? 1 : 0;
+}
+
+/**
+ * `addresses` IPv4 before IPv6, then numerically; each parsed once (a comparator that parsed
+ * both sides at every comparison cost milliseconds per proxy transaction on a set of 1,500).
+ */
+export function sortAddresses(addresses: Iterable<string>): string[] {
+  return [...addresses]
+    .map((a) => ({ a, p: parseNet(a) }))
+    .sort((x, y) => compareParsed(x.a, x.p, y.a, y.p))
+    .map((x) => x.a);
 }

@@ -13,7 +13,7 @@
  *                               counter, log, reject.
  * The base chains hold the same rules whatever the number of services.
  */
-import { compareAddresses } from "./address-filter.ts";
+import { sortAddresses } from "./address-filter.ts";
 import { parseNet, canonicalAddress, type Family } from "./addresses.ts";
 import { disjoint, elementJSON, type Allow } from "./elements.ts";
 import { invalid, type Problem } from "./errors.ts";
@@ -290,7 +290,7 @@ function nameSets(
         name,
         type: family === 4 ? "ipv4_addr" : "ipv6_addr",
         flags: ["timeout"],
-        elem: [...permanent, ...Object.keys(expires)].sort(compareAddresses),
+        elem: sortAddresses([...permanent, ...Object.keys(expires)]),
         ...(Object.keys(expires).length ? { expires } : {}),
       });
       rules.push(nameRule(c, family, name));

@@ -4,7 +4,7 @@
  * the ports it listens on).
  */
 import type { Family } from "./addresses.ts";
-import { compareAddresses } from "./address-filter.ts";
+import { sortAddresses } from "./address-filter.ts";
 import type { Listener } from "./listeners.ts";
 import type { InboundRule, ServicePolicy } from "./policy.ts";
 import { listenerText, undeclaredListeners } from "./listeners.ts";
@@ -160,7 +160,7 @@ export function propose(input: ProposalInput): Proposal {
     }
   }
   const outbound = [...out.values()]
-    .map((p) => ({ ...p, addresses: p.addresses.sort(compareAddresses) }))
+    .map((p) => ({ ...p, addresses: sortAddresses(p.addresses) }))
     .sort(
       (a, b) =>
         Number(a.by === "address") - Number(b.by === "address") ||

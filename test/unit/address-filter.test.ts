@@ -1,6 +1,11 @@
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
-import { classify, filterAddresses, refuseReason } from "../../rules/address-filter.ts";
+import {
+  classify,
+  filterAddresses,
+  refuseReason,
+  sortAddresses,
+} from "../../rules/address-filter.ts";
 
 const test = suite("the address filter: what a DNS answer may allow");
 
@@ -130,6 +135,21 @@ test("the filter keeps canonical, unique addresses, IPv4 first, and says why it 
   );
   assert.equal(r.kept, ["192.0.2.9", "192.0.2.10", "2001:db8::1"]);
   assert.equal(r.dropped, [{ address: "127.0.0.1", reason: "loopback" }]);
+});
+
+test("addresses sort IPv4 first, then by value as numbers, not as text", () => {
+  assert.equal(
+    sortAddresses(["2001:db8::10", "192.0.2.10", "2001:db8::9", "192.0.2.9", "10.0.0.1"]),
+    ["10.0.0.1", "192.0.2.9", "192.0.2.10", "2001:db8::9", "2001:db8::10"],
+  );
+  const many = Array.from({ length: 300 }, (_, i) => `198.51.${(i * 7) % 256}.${(i * 13) % 256}`);
+  const sorted = sortAddresses(many);
+  const num = (a: string) => a.split(".").reduce((n, o) => n * 256 + Number(o), 0);
+  for (let i = 1; i < sorted.length; i++)
+    assert.ok(
+      num(sorted[i - 1] as string) <= num(sorted[i] as string),
+      `${sorted[i - 1]} > ${sorted[i]}`,
+    );
 });
 
 test.run();
