@@ -1102,13 +1102,15 @@ export class Daemon {
       .dueForRefresh(this.deps.clock())
       .filter((x) => !this.inflight.has(key(x)));
     const { finished, resolution } = await this.resolveWithin(due, REFRESH_WINDOW_MS);
-    const commit = () =>
-      this.serial(() => this.commit()).then(
+    const commit = async () => {
+      if (this.stopped) return; // after stop(), nothing more goes to the kernel
+      await this.serial(() => this.commit()).then(
         () => {
           if (due.length) this.lastRefresh = this.deps.clock();
         },
         () => undefined,
       );
+    };
     await commit();
     if (!finished) void resolution.then(commit).finally(() => this.schedule());
   }
@@ -1123,7 +1125,11 @@ export class Daemon {
     const summary = await this.serial(() => this.commit());
     if (finished && lookups.length) this.lastRefresh = summary.at;
     if (finished) return summary;
-    void resolution.then(() => this.serial(() => this.commit())).catch(() => undefined);
+    void resolution
+      .then(async () => {
+        if (!this.stopped) await this.serial(() => this.commit()); // none after stop()
+      })
+      .catch(() => undefined);
     const pending = [
       ...new Set(lookups.filter((x) => this.inflight.has(key(x))).map((x) => x.name)),
     ];

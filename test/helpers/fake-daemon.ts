@@ -122,14 +122,26 @@ export class FakeNft implements Nft {
 /** A resolver answering from `answers` (name -> family -> addresses); a name in `stall` never answers. */
 export class FakeResolver implements Resolver {
   answers = new Map<string, { 4?: string[]; 6?: string[]; ttl?: number }>();
+  /** Names whose lookups hang until release(name). */
   stall = new Set<string>();
   calls: string[] = [];
+  private readonly hanging = new Map<string, (() => void)[]>();
   async resolve(name: string, family: 4 | 6): Promise<Resolution> {
     this.calls.push(`${name}/${family}`);
-    if (this.stall.has(name)) return new Promise(() => undefined);
+    if (this.stall.has(name)) {
+      await new Promise<void>((r) =>
+        this.hanging.set(name, [...(this.hanging.get(name) ?? []), r]),
+      );
+    }
     const a = this.answers.get(name);
     if (!a) return { ok: false, code: "NXDOMAIN", message: `${name}: NXDOMAIN` };
     return { ok: true, answer: { addresses: a[family] ?? [], ttl: a.ttl ?? 60, chain: [] } };
+  }
+  /** Ends the hanging lookups of `name`: they answer from `answers` now. */
+  release(name: string): void {
+    this.stall.delete(name);
+    for (const r of this.hanging.get(name) ?? []) r();
+    this.hanging.delete(name);
   }
 }
 

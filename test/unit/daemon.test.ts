@@ -646,24 +646,30 @@ test("a change the kernel refuses is not reported, and no later refresh applies 
   }
 });
 
-test("a stalled lookup holds back no other name: a refresh applies the answers that came back, the stalled one when it ends", async () => {
+/**
+ * svc-web allowing each name (one A record, TTL 1 s), resolved and applied, with the refresh
+ * timer running (as in egressd after begin()).
+ */
+async function refreshing(names: Record<string, string>): Promise<Harness> {
   const h = await harness({ ...FAST, dns: { queryTimeoutMs: 100 } });
+  await h.service({
+    name: "svc-web",
+    user: 2001,
+    dns: "system",
+    outbound: Object.keys(names).map((host) => ({ host, ports: "443" })),
+  });
+  for (const [name, address] of Object.entries(names))
+    h.resolver.answers.set(name, { 4: [address], ttl: 1 });
+  await started(h);
+  await h.daemon.refresh();
+  h.daemon.begin();
+  await settle();
+  return h;
+}
+
+test("a stalled lookup holds back no other name: a refresh applies the answers that came back, the stalled one when it ends", async () => {
+  const h = await refreshing({ "api.example.test": "192.0.2.1", "slow.example.test": "192.0.2.9" });
   try {
-    await h.service({
-      name: "svc-web",
-      user: 2001,
-      dns: "system",
-      outbound: [
-        { host: "api.example.test", ports: "443" },
-        { host: "slow.example.test", ports: "443" },
-      ],
-    });
-    h.resolver.answers.set("api.example.test", { 4: ["192.0.2.1"], ttl: 1 });
-    h.resolver.answers.set("slow.example.test", { 4: ["192.0.2.9"], ttl: 1 });
-    await started(h);
-    await h.daemon.refresh();
-    h.daemon.begin(); // the refresh timer runs from here on, as in egressd
-    await settle();
     // Both names fall due together; one of them now stalls (its resolver never answers).
     h.resolver.stall.add("slow.example.test");
     h.resolver.answers.set("api.example.test", { 4: ["192.0.2.2"], ttl: 1 });
@@ -719,6 +725,28 @@ test("status warns when the host's name service would route a DNS-aware service'
     assert.equal(await warnings(), [], "Debian's default");
     h.nameService = null;
     assert.equal(await warnings(), [], "no nsswitch.conf: nothing to warn about, no error");
+  } finally {
+    await h.done();
+  }
+});
+
+test("nothing reaches the kernel after stop(): a lookup that ends after it is not applied", async () => {
+  const h = await refreshing({ "slow.example.test": "192.0.2.9" });
+  try {
+    h.resolver.stall.add("slow.example.test");
+    h.resolver.answers.set("slow.example.test", { 4: ["192.0.2.10"], ttl: 1 });
+    h.clock.now += sec(2);
+    await h.daemon.housekeep(); // the refresh gives up waiting; the lookup still runs
+    await h.daemon.stop();
+    const batches = h.nft.batches.length;
+    h.resolver.release("slow.example.test");
+    await settle();
+    await new Promise((r) => setTimeout(r, 50));
+    assert.is(h.nft.batches.length, batches, "no transaction after stop()");
+    assert.not.ok(
+      h.nft.commands().some((c) => c.includes("192.0.2.10")),
+      "the late answer is not applied",
+    );
   } finally {
     await h.done();
   }
