@@ -1389,9 +1389,11 @@ export class Daemon {
   }
 
   /**
-   * The drift audit: the live table against the desired one (learned addresses that expire in
-   * the next seconds are left out of the comparison: the kernel may already have dropped them).
-   * With `repair`, reconciles the live table back in one transaction and audits again.
+   * The drift audit: the live table against what egressd last applied (learned addresses that
+   * expire in the next seconds are left out of the comparison: the kernel may already have
+   * dropped them). A change on its way (DNS answers recorded, their commit still to come) is not
+   * drift. With `repair`, reconciles the live table to the desired one in one transaction and
+   * audits again.
    */
   audit(repair: boolean): Promise<AuditRecord> {
     return this.serial(async () => {
@@ -1408,7 +1410,7 @@ export class Daemon {
       const listed = async () => parseLive(await nft.listTable(table), table, clock());
       const live = await listed();
       const policy = await this.policyFindings();
-      const findings = [...policy, ...auditDiff(live, this.desired(clock()), clock())];
+      const findings = [...policy, ...auditDiff(live, this.applied, clock())];
       let remaining = findings;
       let repaired = false;
       if (repair && findings.length > policy.length) {

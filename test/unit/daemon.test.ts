@@ -6,6 +6,7 @@ import { writeFileSync } from "node:fs";
 import { suite } from "uvu";
 import * as assert from "uvu/assert";
 import { parseLive } from "../../rules/live.ts";
+import type { Ruleset } from "../../rules/ruleset.ts";
 import { harness, listing, type Harness } from "../helpers/fake-daemon.ts";
 
 const test = suite("the daemon, with every effect faked");
@@ -28,6 +29,9 @@ async function until(cond: () => boolean, what: string): Promise<void> {
   for (let i = 0; i < 2000 && !cond(); i++) await new Promise((r) => setTimeout(r, 1));
   if (!cond()) throw new Error(`not reached: ${what}`);
 }
+
+/** The table the daemon believes the kernel holds (what it last applied). */
+const appliedBy = (h: Harness): Ruleset => (h.daemon as unknown as { applied: Ruleset }).applied;
 
 async function started(h: Harness): Promise<void> {
   await h.daemon.start();
@@ -147,8 +151,7 @@ test("the audit reports an element the kernel holds and the policy does not, and
       outbound: [{ host: "198.51.100.1", ports: "443" }],
     });
     await started(h);
-    const applied = (h.daemon as unknown as { applied: import("../../rules/ruleset.ts").Ruleset })
-      .applied;
+    const applied = appliedBy(h);
     const tampered = structuredClone(applied);
     tampered.sets
       .find((s) => s.name === "s_svc_web_lit4")
@@ -747,6 +750,33 @@ test("nothing reaches the kernel after stop(): a lookup that ends after it is no
       h.nft.commands().some((c) => c.includes("192.0.2.10")),
       "the late answer is not applied",
     );
+  } finally {
+    await h.done();
+  }
+});
+
+test("answers recorded while a refresh waits for a stalled lookup are not drift: the audit compares the kernel with what egressd applied", async () => {
+  const h = await refreshing({ "api.example.test": "192.0.2.1", "slow.example.test": "192.0.2.9" });
+  try {
+    // The kernel holds what egressd applied.
+    h.nft.live = listing(appliedBy(h), h.clock.now);
+    h.resolver.stall.add("slow.example.test");
+    h.resolver.answers.set("api.example.test", { 4: ["192.0.2.2"], ttl: 1 });
+    h.clock.now += sec(2);
+    const refresh = h.daemon.housekeep(); // records api's answer, waits for slow's up to 250 ms
+    await settle();
+    const record = await h.daemon.audit(true);
+    assert.equal(record.findings, [], "a change on its way is not drift");
+    assert.not.ok(
+      h.nft.commands().some((c) => c.includes("192.0.2.2")),
+      "the audit did not apply it either",
+    );
+    await refresh;
+    assert.ok(
+      h.nft.commands().some((c) => c.includes("192.0.2.2")),
+      "the refresh's own commit applies it",
+    );
+    h.resolver.release("slow.example.test");
   } finally {
     await h.done();
   }
