@@ -1392,8 +1392,8 @@ export class Daemon {
    * The drift audit: the live table against what egressd last applied (learned addresses that
    * expire in the next seconds are left out of the comparison: the kernel may already have
    * dropped them). A change on its way (DNS answers recorded, their commit still to come) is not
-   * drift. With `repair`, reconciles the live table to the desired one in one transaction and
-   * audits again.
+   * drift. With `repair`, reconciles the live table back to what egressd applied in one
+   * transaction and audits again.
    */
   audit(repair: boolean): Promise<AuditRecord> {
     return this.serial(async () => {
@@ -1414,10 +1414,11 @@ export class Daemon {
       let remaining = findings;
       let repaired = false;
       if (repair && findings.length > policy.length) {
-        const r = reconcile(live, this.desired(clock()), this.reconcileOptions(clock()));
+        // Back to what egressd applied; a change on its way is applied by its own commit.
+        const r = reconcile(live, this.applied, this.reconcileOptions(clock()));
         await this.send(r);
         repaired = true;
-        remaining = [...policy, ...auditDiff(await listed(), this.desired(clock()), clock())];
+        remaining = [...policy, ...auditDiff(await listed(), this.applied, clock())];
       }
       const record: AuditRecord = { at: clock(), findings, repaired, remaining: remaining.length };
       this.lastAudit = record;
